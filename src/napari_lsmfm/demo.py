@@ -1,0 +1,115 @@
+"""Open napari with the sample data and the plugin's widgets.
+
+``python -m napari_lsmfm.demo`` shows the viewer; with ``--headless`` (what
+``scripts/demo.sh`` uses when there is no display) it runs the same workflow on a
+hidden viewer, waits for the foundation model to load, and writes
+``screenshot.png`` and ``summary.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+PLUGIN = "napari-lsmfm"
+SAMPLES = ("nuclei", "vessels", "plaques")
+
+
+def manifest_widgets() -> list[str]:
+    """Display names of the plugin's dock widgets, from the installed manifest."""
+    from npe2 import PluginManager
+
+    manifest = PluginManager.instance().get_manifest(PLUGIN)
+    return [w.display_name for w in manifest.contributions.widgets or []]
+
+
+def build(viewer: Any, sample: str = "nuclei", weights: str | None = None) -> dict[str, Any]:
+    """Open one sample, dock every plugin widget, start loading the foundation model."""
+    viewer.open_sample(PLUGIN, sample)
+    widgets = {}
+    for name in manifest_widgets():
+        _dock, widget = viewer.window.add_plugin_dock_widget(
+            plugin_name=PLUGIN, widget_name=name, tabify=True
+        )
+        widgets[name] = widget
+    foundation = widgets.get("Foundation model")
+    if foundation is not None:
+        if weights:
+            foundation.path_edit.setText(weights)
+        foundation.load()
+    return widgets
+
+
+def wait_for(widgets: dict[str, Any], timeout: float = 300.0) -> None:
+    """Process events until no widget has a running job (headless runs)."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        QApplication.processEvents()
+        if not any(getattr(getattr(w, "runner", None), "running", False) for w in widgets.values()):
+            break
+        time.sleep(0.05)
+    for _ in range(20):  # let the finished signals and the last updates arrive
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def summarize(viewer: Any, widgets: dict[str, Any]) -> dict[str, Any]:
+    from napari_lsmfm.widgets._state import foundation_slot
+
+    foundation = foundation_slot(viewer).foundation
+    status = widgets.get("Foundation model")
+    return {
+        "layers": [
+            {
+                "name": layer.name,
+                "type": type(layer).__name__.lower(),
+                "shape": list(layer.data.shape),
+                "dtype": str(layer.data.dtype),
+                "scale": [float(s) for s in layer.scale],
+            }
+            for layer in viewer.layers
+        ],
+        "widgets": list(widgets),
+        "foundation": foundation.info() if foundation is not None else None,
+        "foundation_status": status.status.text() if status is not None else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--headless", action="store_true", help="no window; write files")
+    parser.add_argument("--out", default="demo_output", help="folder for the headless outputs")
+    parser.add_argument("--sample", default="nuclei", choices=SAMPLES)
+    parser.add_argument("--weights", default=None, help="foundation weights (default: embedded)")
+    args = parser.parse_args(argv)
+
+    import napari
+
+    viewer = napari.Viewer(show=not args.headless, title="napari-lsmfm demo")
+    widgets = build(viewer, args.sample, args.weights)
+    if not args.headless:
+        napari.run()
+        return 0
+
+    wait_for(widgets)
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, viewer.layers[0].data.shape[0] // 2 * viewer.layers[0].scale[0])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    viewer.window.resize(1500, 900)
+    viewer.screenshot(str(out / "screenshot.png"), canvas_only=False)
+    summary = summarize(viewer, widgets)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {out / 'screenshot.png'} and {out / 'summary.json'}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The pretraining losses, each a plain function of tensors, and the small modules they need.
+
+- masked reconstruction: L1 between a light decoder's output and the input, on masked voxels;
+- distillation: KL between the EMA teacher's and the student's per-voxel feature
+  distributions (L2-normalised features, sharpened by temperatures), on masked voxels;
+- image-text alignment: cosine distance between an image embedding and its caption's;
+- CLIP: symmetric InfoNCE with a learnable temperature, where batch items that share a
+  caption count as positives of each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOGIT_SCALE_INIT = math.log(1 / 0.1)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class ReconstructionHead(nn.Module):
+    """Light conv decoder from features (B, embed_dim, D, H, W) to intensities
+    (B, out_channels, D, H, W); keys ``decoder.{0,2,4}`` as in the published checkpoints."""
+
+    def __init__(self, embed_dim: int, out_channels: int = 1) -> None:
+        super().__init__()
+        self.decoder = nn.Sequential(
+            nn.Conv3d(embed_dim, 64, 3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(64, 32, 3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(32, out_channels, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decoder(features)
+
+
+def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over masked voxels.
+
+    prediction, target: (B, C, D, H, W); mask: bool, broadcastable to them, True where
+    masked. Returns a scalar; zero (with gradient) when nothing is masked.
+    """
+    mask = mask.expand_as(target)
+    diff = (prediction.float() - target.float()).abs()
+    count = mask.sum()
+    if count == 0:
+        return diff.sum() * 0.0
+    return diff[mask].sum() / count
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.025,
+) -> torch.Tensor:
+    """KL(teacher || student) of per-voxel softmax distributions over feature channels.
+
+    student, teacher: (B, E, D, H, W) features; both are L2-normalised over E, divided by
+    their temperature and soft-maxed over E. mask: (B, 1 or C, D, H, W) bool, a voxel
+    counts when any channel is masked. The teacher carries no gradient. Returns a scalar,
+    the mean KL over masked voxels (zero when nothing is masked).
+    """
+    voxels = mask.any(dim=1)  # (B, D, H, W)
+    if not bool(voxels.any()):
+        return student.sum() * 0.0
+    s = student.float().movedim(1, -1)[voxels]  # (N, E)
+    t = teacher.detach().float().movedim(1, -1)[voxels]
+    s = F.normalize(s, dim=-1) / student_temp
+    t = F.normalize(t, dim=-1) / teacher_temp
+    log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def alignment_loss(image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance ``1 - cos`` between paired rows of (N, P) embeddings."""
+    return (1 - F.cosine_similarity(image_embedding.float(), text_embedding.float(), dim=-1)).mean()
+
+
+def clip_loss(
+    image_embedding: torch.Tensor,
+    text_embedding: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between N images and their N captions.
+
+    image_embedding, text_embedding: (N, P), row i of one pairs with row i of the other.
+    logit_scale: scalar log of the inverse temperature (learnable), clamped to <= log 100.
+    caption_ids: (N,) ints; rows with the same id share a caption and are positives of each
+    other (otherwise a batch with two "nuclei" volumes would push one nuclei caption away
+    from a nuclei image). None: every row is its own class (the standard CLIP loss).
+    Returns a scalar: the mean of the image->text and text->image terms, each
+    ``-log(sum of softmax over the positives)``. With one distinct caption it is zero.
+    """
+    n = image_embedding.shape[0]
+    img = F.normalize(image_embedding.float(), dim=-1)
+    txt = F.normalize(text_embedding.float(), dim=-1)
+    scale = logit_scale.float().clamp(max=LOGIT_SCALE_MAX).exp()
+    logits = scale * img @ txt.t()  # (N images, N texts)
+    if caption_ids is None:
+        positives = torch.eye(n, dtype=torch.bool, device=logits.device)
+    else:
+        ids = caption_ids.to(logits.device)
+        positives = ids[:, None] == ids[None, :]
+    neg_inf = torch.finfo(logits.dtype).min
+
+    def one_side(lg: torch.Tensor) -> torch.Tensor:
+        pos = torch.logsumexp(lg.masked_fill(~positives, neg_inf), dim=1)
+        return (torch.logsumexp(lg, dim=1) - pos).mean()
+
+    return 0.5 * (one_side(logits) + one_side(logits.t()))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student for parameters; buffers (batch-norm
+    statistics) are copied. Both modules must have the same structure."""
+    t_params = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        t = t_params[name]
+        t.mul_(decay).add_(p.detach().to(t.dtype), alpha=1 - decay)
+    t_buffers = dict(teacher.named_buffers())
+    for name, b in student.named_buffers():
+        t_buffers[name].copy_(b)

@@ -1,0 +1,161 @@
+"""Run a :mod:`~napari_lsmfm.workers.job` in a napari thread worker.
+
+The job runs in napari's thread pool (``napari.qt.threading.create_worker``); it
+talks to the UI only through a queue of :class:`~napari_lsmfm.workers.job.Update`
+records, drained by a timer on the UI thread. Progress shows in the widget and in
+napari's activity dock (``napari.utils.progress``); errors become viewer
+notifications; the job is cancelled when its widget leaves the viewer or is
+destroyed (window closed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal
+from qtpy.QtWidgets import QWidget
+
+from napari_lsmfm.workers.job import Cancelled, JobContext, QueueContext, Update
+
+POLL_MS = 50
+
+
+class JobRunner(QObject):
+    """Start one job at a time behind a widget; signals arrive on the UI thread.
+
+    Signals: ``updated(Update)``, ``succeeded(result)``, ``failed(Exception)``,
+    ``stopped()`` (cancelled by the user), ``finished()`` (always, last).
+    """
+
+    updated = Signal(object)
+    succeeded = Signal(object)
+    failed = Signal(object)
+    stopped = Signal()
+    finished = Signal()
+
+    def __init__(self, owner: QWidget) -> None:
+        super().__init__(owner)
+        # A list, so the destroyed-callback can reach the live context without `self`.
+        self._ctx_box: list[QueueContext | None] = [None]
+        self._worker: Any = None
+        self._done = threading.Event()
+        self._done.set()
+        self._pbar: Any = None
+        self._description = ""
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(self._poll)
+        # Stop the job when the widget goes away: removed from the viewer (its parent
+        # becomes None) or destroyed with the window. The closure does not touch `self`.
+        owner.installEventFilter(self)
+        done, box = self._done, self._ctx_box
+        owner.destroyed.connect(lambda *_: _cancel_and_wait(box[0], done))
+
+    @property
+    def _ctx(self) -> QueueContext | None:
+        return self._ctx_box[0]
+
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    @property
+    def context(self) -> JobContext | None:
+        return self._ctx
+
+    def start(self, fn: Callable[[JobContext], Any], description: str) -> None:
+        """Run ``fn(ctx)`` in a worker thread. Raises RuntimeError if a job is running."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        if self.running:
+            raise RuntimeError(f"{self._description} is still running; stop it first.")
+        ctx = QueueContext()
+        self._ctx_box[0] = ctx
+        self._description = description
+        self._done.clear()
+        done = self._done
+
+        def run() -> Any:
+            try:
+                return fn(ctx)
+            finally:
+                done.set()
+
+        worker = create_worker(run, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._pbar = progress(total=1000, desc=description)
+        self._timer.start()
+        worker.start()
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next step."""
+        if self._ctx is not None:
+            self._ctx.cancel()
+
+    def wait(self, timeout: float = 5.0) -> bool:
+        """Block until the job thread ends; True if it did within ``timeout`` s."""
+        return self._done.wait(timeout)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel and wait: used when the widget or the viewer closes."""
+        _cancel_and_wait(self._ctx, self._done, timeout)
+
+    # --- UI thread -------------------------------------------------------
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
+        if event.type() == QEvent.Type.ParentChange and isinstance(obj, QWidget):
+            if obj.parent() is None and self.running:
+                self.cancel()
+        return False
+
+    def _poll(self) -> None:
+        if self._ctx is None:
+            return
+        updates = self._ctx.drain()
+        for update in updates:
+            self._show(update)
+            self.updated.emit(update)
+
+    def _show(self, update: Update) -> None:
+        if self._pbar is None:
+            return
+        if update.fraction is not None:
+            self._pbar.n = int(1000 * update.fraction)
+        if update.message:
+            self._pbar.set_description(f"{self._description}: {update.message}")
+        else:
+            self._pbar.refresh()
+
+    def _on_returned(self, result: Any) -> None:
+        self._poll()
+        self.succeeded.emit(result)
+
+    def _on_errored(self, exc: Exception) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        self._poll()
+        if isinstance(exc, Cancelled):
+            show_info(f"{self._description} stopped.")
+            self.stopped.emit()
+            return
+        show_error(f"{self._description} failed: {exc}")
+        self.failed.emit(exc)
+
+    def _on_finished(self) -> None:
+        self._timer.stop()
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._worker = None
+        self.finished.emit()
+
+
+def _cancel_and_wait(ctx: JobContext | None, done: threading.Event, timeout: float = 5.0) -> None:
+    if ctx is not None:
+        ctx.cancel()
+    done.wait(timeout)
