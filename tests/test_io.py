@@ -471,3 +471,12 @@ def test_npe2_writers_overwrite_and_take_scale(tmp_path):
     assert out[0].endswith(".tif") and vol.voxel_size is None  # napari's default scale
     out = write_labels(str(tmp_path / "lab.tif"), (data % 3).astype(np.int32), {})
     assert open_volume(out[0]).data.dtype == np.int32
+
+
+def test_imagej_frames_read_as_slices(tmp_path):
+    # Fiji often labels the planes of a z-stack as frames (T) when importing
+    path = tmp_path / "frames.tif"
+    tifffile.imwrite(path, _stack((9, 16, 16)), imagej=True, metadata={"axes": "TYX"})
+    vol = open_volume(path)
+    assert vol.axes == "ZYX" and vol.data.shape == (9, 16, 16)
+    assert vol.metadata["z_from_axis"] == "T"

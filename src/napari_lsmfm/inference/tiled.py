@@ -264,7 +264,7 @@ def _block_shape(
     max_bytes: int, chunks: Sequence[int] | None,
 ) -> tuple[int, int, int]:
     """The largest block (z first halved) whose buffers fit ``max_bytes``."""
-    size = [h - l for l, h in zip(lo, hi, strict=True)]
+    size = [b - a for a, b in zip(lo, hi, strict=True)]
     block = list(size)
     while math.prod(block) * bytes_per_voxel > max_bytes:
         ratios = [b / t for b, t in zip(block, grid.tile, strict=True)]
@@ -362,7 +362,7 @@ def predict_tiled(
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {getattr(volume, 'shape', None)}")
     grid = TileGrid.build(volume.shape, tile, overlap)
     lo, hi = _region_box(region, volume.shape)
-    rshape = tuple(h - l for l, h in zip(lo, hi, strict=True))
+    rshape = tuple(b - a for a, b in zip(lo, hi, strict=True))
     channels = int(out_channels)
     if sink is None and out is None:
         out = np.zeros((channels, *rshape), dtype=dtype)
@@ -389,7 +389,7 @@ def predict_tiled(
     for box, origins in plan:
         b_lo = [i[0] for i in box]
         b_hi = [i[1] for i in box]
-        bshape = tuple(h - l for l, h in zip(b_lo, b_hi, strict=True))
+        bshape = tuple(b - a for a, b in zip(b_lo, b_hi, strict=True))
         values = np.zeros((channels, *bshape), np.float32)
         wsum = None if crop else np.zeros(bshape, np.float32)
         # read the hull of this block's windows once (one dask compute per block)
@@ -398,12 +398,7 @@ def predict_tiled(
         hull = _read(volume, h_lo, h_hi)
         for i in range(0, len(origins), runner.batch_size):
             batch = origins[i : i + runner.batch_size]
-            windows = np.stack(
-                [
-                    hull[tuple(slice(o[a] - h_lo[a], o[a] - h_lo[a] + grid.tile[a]) for a in range(3))]
-                    for o in batch
-                ]
-            )[:, None]
+            windows = np.stack([hull[_window_slices(o, h_lo, grid.tile)] for o in batch])[:, None]
             outputs = runner(windows)
             if outputs.shape[1] != channels:
                 raise ValueError(
@@ -418,12 +413,16 @@ def predict_tiled(
                 ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
         if wsum is not None:
             values /= np.maximum(wsum, 1e-12)
-        rel = tuple(slice(l - r, h - r) for l, h, r in zip(b_lo, b_hi, lo, strict=True))
+        rel = tuple(slice(a - r, b - r) for a, b, r in zip(b_lo, b_hi, lo, strict=True))
         if sink is not None:
             sink(rel, values)
         else:
             out[(slice(None), *rel)] = values.astype(out.dtype, copy=False)
     return out if sink is None else None
+
+
+def _window_slices(origin, offset, tile) -> tuple[slice, ...]:
+    return tuple(slice(origin[a] - offset[a], origin[a] - offset[a] + tile[a]) for a in range(3))
 
 
 def _accumulate(values, wsum, y, origin, grid, b_lo, b_hi, weights, crop) -> None:
@@ -435,7 +434,7 @@ def _accumulate(values, wsum, y, origin, grid, b_lo, b_hi, weights, crop) -> Non
     else:
         g_lo = [max(origin[a], b_lo[a]) for a in range(3)]
         g_hi = [min(origin[a] + grid.tile[a], b_hi[a]) for a in range(3)]
-    if any(h <= l for l, h in zip(g_lo, g_hi, strict=True)):
+    if any(b <= a for a, b in zip(g_lo, g_hi, strict=True)):
         return
     src = tuple(slice(g_lo[a] - origin[a], g_hi[a] - origin[a]) for a in range(3))
     dst = tuple(slice(g_lo[a] - b_lo[a], g_hi[a] - b_lo[a]) for a in range(3))

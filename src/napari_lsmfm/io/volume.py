@@ -162,15 +162,15 @@ def _tiff_info(tif, path: Path, size: int, logged: list[str]):
     if problem is None:
         _check_not_empty(path, tuple(series.shape))
         problem = _tiff_extent_problem(series, size)
-    if problem is None and any("invalid" in m or "corrupt" in m for m in logged):
-        problem = next(m for m in logged if "invalid" in m or "corrupt" in m)
+    structural = [m for m in logged if ("invalid" in m and "offset" in m) or "corrupt" in m]
+    if problem is None and structural:
+        problem = structural[0]
     if problem is not None:
         raise _damaged(path, problem)
 
     page0 = series.keyframe
     axes = series.axes.upper()
     shape = tuple(series.shape)
-    _check_not_empty(path, shape)
     photometric = getattr(page0.photometric, "name", str(page0.photometric))
     if ("S" in axes and shape[axes.index("S")] in (3, 4)) or photometric in ("RGB", "YCBCR"):
         raise _rgb_error(path, shape)
@@ -225,7 +225,7 @@ def _probe_chunks(path: Path, data: da.Array) -> None:
         if "imagecodecs" in text:
             raise VolumeError(
                 f"'{path.name}' uses a compression that needs the 'imagecodecs' package "
-                f"({text}). Install it with `pip install imagecodecs`, or re-save the "
+                f"({_short(text)}). Install it with `pip install imagecodecs`, or re-save the "
                 "stack uncompressed or with zlib compression.",
                 path,
             ) from None
@@ -294,7 +294,9 @@ def _tiff_extent_problem(series, size: int) -> str | None:
         if page is None:
             return f"plane {i + 1} of {len(pages)} is missing"
         offsets, counts = page.dataoffsets, page.databytecounts
-        if offsets and max(o + c for o, c in zip(offsets, counts, strict=False)) > size:
+        # a multi-file OME-TIFF keeps planes in sibling files: use the plane's own file
+        fsize = getattr(getattr(page.parent, "filehandle", None), "size", None) or size
+        if offsets and max(o + c for o, c in zip(offsets, counts, strict=False)) > fsize:
             return f"plane {i + 1} of {len(pages)} extends past the end of the file"
     return None
 

@@ -62,7 +62,9 @@ def build_backbone(spec: Any) -> nn.Module:
             num_res_units=int(spec.num_res_units),
             norm=spec.norm,
         )
-    raise ValueError(f"Unknown architecture {spec.architecture!r}; expected one of {ARCHITECTURES}.")
+    raise ValueError(
+        f"Unknown architecture {spec.architecture!r}; expected one of {ARCHITECTURES}."
+    )
 
 
 def size_multiple(spec: Any) -> int:

@@ -59,7 +59,9 @@ class FoundationSpec:
         if self.architecture == "swinunetr":
             self.feature_size = _positive_int(self.feature_size, "feature_size")
             if self.feature_size % 12:
-                raise ValueError(f"SwinUNETR feature_size must be a multiple of 12, got {self.feature_size}")
+                raise ValueError(
+                    f"SwinUNETR feature_size must be a multiple of 12, got {self.feature_size}"
+                )
         else:
             if not self.channels or not self.strides:
                 raise ValueError("a UNet needs channels and strides")
@@ -67,8 +69,8 @@ class FoundationSpec:
             self.strides = tuple(_positive_int(s, "strides") for s in self.strides)
             if len(self.strides) != len(self.channels) - 1:
                 raise ValueError(
-                    f"a UNet needs one stride fewer than channels, got {len(self.channels)} channels "
-                    f"and {len(self.strides)} strides"
+                    "a UNet needs one stride fewer than channels, got "
+                    f"{len(self.channels)} channels and {len(self.strides)} strides"
                 )
             self.num_res_units = int(self.num_res_units if self.num_res_units is not None else 2)
             if isinstance(self.norm, list):
@@ -198,9 +200,12 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     where an axis is too short to reflect), so feature grids stay aligned with the input."""
     size = x.shape[2:]
     pads = [(-s) % multiple for s in size]
+    if all(s + p == multiple for s, p in zip(size, pads, strict=True)):
+        # A 1x1x1 bottleneck breaks instance norm (SwinUNETR's decoder): grow the last axis.
+        pads[-1] += multiple
     if not any(pads):
         return x
-    mode = "reflect" if all(p < s for p, s in zip(pads, size)) else "replicate"
+    mode = "reflect" if all(p < s for p, s in zip(pads, size, strict=True)) else "replicate"
     flat = []
     for p in reversed(pads):  # F.pad wants the last axis first
         flat += [0, p]
@@ -219,7 +224,8 @@ class Foundation(nn.Module):
     pool, flatten, Linear, ReLU, Linear, LayerNorm; None for image-only), text_tower
     (TextTower or None), text_unavailable_reason (why there is no text tower, or None),
     amp (autocast on CUDA), load_report (what loading used, ignored and noted).
-    Built in eval mode; use `load_foundation` to get trained weights.
+    Built in eval mode with random weights (an "lsmfm" text tower in the spec is built
+    too, unless build_text=False); use `load_foundation` to get trained weights.
     """
 
     def __init__(
@@ -229,6 +235,7 @@ class Foundation(nn.Module):
         text_tower: TextTower | None = None,
         text_unavailable_reason: str | None = None,
         source: str = "memory",
+        build_text: bool = True,
     ):
         super().__init__()
         self.spec = spec
@@ -244,6 +251,8 @@ class Foundation(nn.Module):
                 nn.Linear(spec.proj_dim, spec.proj_dim),
                 nn.LayerNorm(spec.proj_dim),
             )
+        if text_tower is None and build_text and spec.text and spec.text.get("kind") == "lsmfm":
+            text_tower = TextTower.from_config(spec.text)  # ours needs no files: build it
         self.text_tower = text_tower
         if text_tower is not None:
             text_unavailable_reason = None
@@ -306,7 +315,9 @@ class Foundation(nn.Module):
         """The percentile range `normalize` uses, for normalising tiles of a large volume."""
         return percentile_range(volume, NORMALIZATION["low"], NORMALIZATION["high"])
 
-    def normalize(self, volume: Any, *, intensity_range: tuple[float, float] | None = None) -> np.ndarray:
+    def normalize(
+        self, volume: Any, *, intensity_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
         """What the weights expect: 1st-99th percentile -> [0, 1], clipped; float32 numpy.
 
         Accepts numpy, dask or zarr arrays (lazy inputs are computed; percentiles of large
@@ -365,21 +376,25 @@ class Foundation(nn.Module):
         def keep(_module, _inputs, output):
             captured.extend(output if isinstance(output, (list, tuple)) else [output])
 
-        hooks = [m.register_forward_hook(keep) for m in backbones.encoder_taps(self.backbone, self.spec)]
+        hooks = [
+            m.register_forward_hook(keep) for m in backbones.encoder_taps(self.backbone, self.spec)
+        ]
         try:
             dense = self._run(x)
         finally:
             for hook in hooks:
                 hook.remove()
         levels = [dense]
-        for tensor, stride in zip(captured, backbones.encoder_strides(self.spec)):
+        for tensor, stride in zip(captured, backbones.encoder_strides(self.spec), strict=True):
             levels.append(_crop(tensor, [math.ceil(s / stride) for s in size]).float())
         return levels
 
     def _pool_embedding(self, dense: torch.Tensor) -> torch.Tensor:
         # As in pretraining: L2-normalise the features per voxel, then pool and project.
         feats = F.normalize(dense, dim=1)
-        pooled = self.image_proj(feats) if self.image_proj is not None else feats.mean(dim=(2, 3, 4))
+        pooled = (
+            self.image_proj(feats) if self.image_proj is not None else feats.mean(dim=(2, 3, 4))
+        )
         return F.normalize(pooled, dim=-1)
 
     def embed_image(self, x: torch.Tensor, *, grad: bool = False) -> torch.Tensor:

@@ -179,7 +179,11 @@ def tokenize_words(text: str, tokenizer: str = "word") -> list[str]:
 
 
 def build_vocab(
-    texts: Iterable[str], *, tokenizer: str = "word", min_count: int = 1, max_size: int | None = None
+    texts: Iterable[str],
+    *,
+    tokenizer: str = "word",
+    min_count: int = 1,
+    max_size: int | None = None,
 ) -> list[str]:
     """A vocabulary for the "lsmfm" tower from captions: [PAD], [UNK], then tokens by frequency."""
     counts = Counter(t for text in texts for t in tokenize_words(text, tokenizer))
@@ -215,7 +219,7 @@ class _VocabTokenizer:
 
 
 class SmallTextEncoder(nn.Module):
-    """Token + position embeddings and a few pre-norm transformer layers: (B, L) -> (B, L, width)."""
+    """Token + position embeddings, a few pre-norm transformer layers: (B, L) -> (B, L, width)."""
 
     def __init__(
         self, vocab_size: int, width: int, layers: int, heads: int, max_length: int, dropout: float
@@ -249,7 +253,9 @@ class TextTower(nn.Module):
     text_proj layout). Build one with `TextTower.from_config` or `build_lsmfm_text_tower`.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], encoder: nn.Module, tokenizer: Any, vocab: list[str]):
+    def __init__(
+        self, cfg: Mapping[str, Any], encoder: nn.Module, tokenizer: Any, vocab: list[str]
+    ):
         super().__init__()
         self.kind: str = cfg["kind"]
         self.proj_dim = int(cfg["proj_dim"])
@@ -295,7 +301,9 @@ class TextTower(nn.Module):
                 )
             if problems:
                 raise TextTowerUnavailable(
-                    "The checkpoint's BERT text tower is unavailable: " + "; and ".join(problems) + "."
+                    "The checkpoint's BERT text tower is unavailable: "
+                    + "; and ".join(problems)
+                    + "."
                 )
             tokens = read_wordpiece_vocab(vocab)
             if len(tokens) != int(cfg["vocab_size"]):
@@ -314,7 +322,7 @@ class TextTower(nn.Module):
         raise ValueError(f"Unknown text tower kind {kind!r}; expected one of {TEXT_KINDS}.")
 
     def config(self) -> dict:
-        """The JSON-ready config this tower was built from (the "lsmfm" one holds its vocabulary)."""
+        """The JSON-ready config this tower was built from ("lsmfm" ones hold their vocabulary)."""
         return dict(self._config)
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
