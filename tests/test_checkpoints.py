@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import napari_lsmfm.model.checkpoints as checkpoints
+import napari_lsmfm.model.text as text
 from _checkpoints import (
     PUBLISHED,
     TINY_BERT,
@@ -16,9 +19,6 @@ from _checkpoints import (
     make_our_checkpoint,
     write_bert_vocab,
 )
-
-import napari_lsmfm.model.checkpoints as checkpoints
-import napari_lsmfm.model.text as text
 from napari_lsmfm.model import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -65,14 +65,14 @@ def test_published_layouts_load_every_encoder_key(store, layout):
     assert all(k.startswith(checkpoints.TRAINING_ONLY) for k in report.ignored)
     # the student, not the (drifted) EMA teacher
     for key, value in fm.backbone.state_dict().items():
-        torch.testing.assert_close(value, state["student_encoder." + key])
+        assert torch.equal(value, state["student_encoder." + key]), key
     info = fm.info()
     assert info["architecture"] == arch and info["source"] == str(path)
     assert info["variant"] == ("image_text" if use_text else "image_only")
     assert not fm.training and fm.device == torch.device("cpu")
     if use_text:
         for key, value in fm.image_proj.state_dict().items():
-            torch.testing.assert_close(value, state["image_proj." + key])
+            assert torch.equal(value, state["image_proj." + key]), key
         assert fm.spec.proj_dim == fm.spec.embed_dim  # lsm_fm projects into embed_dim
         assert fm.logit_scale == pytest.approx(math.log(10))
         assert info["text_tower"] is HAS_TRANSFORMERS
@@ -85,8 +85,9 @@ def test_published_layouts_load_every_encoder_key(store, layout):
             assert z.shape == (2, fm.spec.proj_dim)
     else:
         assert fm.image_proj is None and fm.text_tower is None
-    with torch.no_grad():
-        assert fm(torch.rand(1, 1, 9, 10, 11)).shape == (1, fm.spec.embed_dim, 9, 10, 11)
+    if arch == "unet":  # (a loaded SwinUNETR runs in test_text_tower_unavailable_...)
+        with torch.no_grad():
+            assert fm(torch.rand(1, 1, 9, 10, 11)).shape == (1, fm.spec.embed_dim, 9, 10, 11)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)

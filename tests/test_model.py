@@ -6,8 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
-from _checkpoints import WORDS, small_spec
 
+from _checkpoints import WORDS, small_spec
 from napari_lsmfm.model import (
     Foundation,
     FoundationSpec,

@@ -50,6 +50,10 @@ _EXPECTED_CKPT = (
     "expected a published lsm_fm checkpoint ({swinunetr,unet}_{image_text,image_only}_best.ckpt) "
     "or a napari-lsmfm model folder (model.safetensors + config.json)"
 )
+_DISAGREE = (
+    "expected the two to agree, as in an unmodified published checkpoint — the file was edited "
+    "or assembled from different runs; use the original file"
+)
 
 Progress = Callable[[float, str], Any]
 
@@ -106,7 +110,8 @@ def _safe_globals() -> list:
 
 
 def _sniff(path: Path) -> str:
-    """ "zip" (torch >= 1.6), "pickle" (legacy torch), "safetensors", "text" or "unknown"."""
+    """The kind of file from its first bytes: zip (torch >= 1.6), pickle (older torch),
+    safetensors, text or unknown."""
     with open(path, "rb") as handle:
         head = handle.read(16)
     if head.startswith(b"PK\x03\x04"):
@@ -115,7 +120,7 @@ def _sniff(path: Path) -> str:
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
         return "safetensors"
-    if head.lstrip()[:1] in (b"{", b"#") or head.isascii():
+    if head.isascii():
         return "text"
     return "unknown"
 
@@ -251,7 +256,8 @@ def _fit(
                 f"unexpected {len(unexpected)} key(s): {backbones.describe_keys(unexpected)}"
             )
         raise CheckpointError(
-            f"{path}: the {what} weights do not fit {expected} ({'; '.join(parts)}); the file is "
+            f"{path}: the {what} weights do not match the expected {expected} "
+            f"({'; '.join(parts)}); the file is "
             "from another model or damaged — use an unmodified published or napari-lsmfm file."
         )
     used = {k: v for k, v in state.items() if k not in dropped}
@@ -271,7 +277,7 @@ def load_encoder_weights(
         state,
         path="backbone",
         what="encoder",
-        expected=f"this {architecture}",
+        expected=f"{architecture} network",
         head_prefixes=backbones.HEAD_PREFIXES[architecture],
     )
     notes = [f"kept the network's own final layer ({len(dropped)} tensors)"] if dropped else []
@@ -341,8 +347,7 @@ def _lightning_spec(
     if arch_hp is not None and arch_hp != arch:
         raise CheckpointError(
             f"{path}: hyper_parameters describe a {arch_hp} but the {ENCODER_PREFIX}* weights "
-            "are a " + arch + "; the file was assembled from different runs — use an unmodified "
-            "published checkpoint."
+            f"are a {arch}; {_DISAGREE}."
         )
     if arch_hp is None:
         notes.append(f"architecture {arch} taken from the weights (not named in hyper_parameters)")
@@ -369,8 +374,7 @@ def _lightning_spec(
         if fs_weights is not None and fs_weights != fs:
             raise CheckpointError(
                 f"{path}: hyper_parameters give SwinUNETR feature_size {fs} but the "
-                f"{ENCODER_PREFIX}* weights have {fs_weights}; the file is inconsistent — use an "
-                "unmodified published checkpoint."
+                f"{ENCODER_PREFIX}* weights have {fs_weights}; {_DISAGREE}."
             )
         kwargs["feature_size"] = fs
     else:
@@ -383,8 +387,7 @@ def _lightning_spec(
         if found is not None and tuple(int(c) for c in kwargs["channels"]) != found:
             raise CheckpointError(
                 f"{path}: hyper_parameters give UNet channels {list(kwargs['channels'])} but the "
-                f"{ENCODER_PREFIX}* weights have {list(found)}; the file is inconsistent — use an "
-                "unmodified published checkpoint."
+                f"{ENCODER_PREFIX}* weights have {list(found)}; {_DISAGREE}."
             )
 
     image_proj = _strip(state, "image_proj.")
@@ -470,7 +473,6 @@ def _foundation_from_lightning(
         report.notes.append(
             f"dropped the output layer ({len(dropped)} tensors): its shape did not fit"
         )
-    taken = {ENCODER_PREFIX}
     if foundation.image_proj is not None:
         used, _ = _fit(
             foundation.image_proj,
@@ -480,7 +482,6 @@ def _foundation_from_lightning(
             expected=f"the lsm_fm image projection ({spec.embed_dim} -> {spec.proj_dim})",
         )
         report.used += ["image_proj." + k for k in used]
-        taken.add("image_proj.")
 
     if spec.text is not None:
         _report(progress, 0.75, "building the BERT text tower")
@@ -511,7 +512,6 @@ def _foundation_from_lightning(
                 ("text_encoder." + k[8:]) if k.startswith("encoder.") else "text_proj." + k[5:]
                 for k in used
             ]
-            taken.update({"text_encoder.", "text_proj."})
             foundation.text_tower = tower
             foundation.text_unavailable_reason = None
     elif spec.variant == "image_text":

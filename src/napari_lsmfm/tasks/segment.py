@@ -449,53 +449,74 @@ class SegmentationResult:
 # ----------------------------------------------------------------------- features
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / max(sigma, 1e-3)) ** 2)
-    return k / k.sum()
+def _gaussian_kernel(sigma: float, order: int = 0) -> torch.Tensor:
+    """1D Gaussian (order 0) or its first / second derivative, sampled at whole voxels."""
+    sigma = max(float(sigma), 1e-3)
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    if order == 1:
+        g = -x / sigma**2 * g
+    elif order == 2:
+        g = (x * x / sigma**4 - 1.0 / sigma**2) * g
+        g = g - g.mean()  # a flat input has no curvature
+    return g.float()
 
 
-def _blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian of (B, 1, z, y, x), replicate borders; sigmas per axis (voxels)."""
-    for axis, sigma in enumerate(sigmas):
-        if sigma < 0.3:
+def _filter(x: torch.Tensor, sigmas: Sequence[float], orders: Sequence[int] = (0, 0, 0)
+            ) -> torch.Tensor:
+    """Separable Gaussian (derivative) filter of (B, 1, z, y, x) with replicated borders.
+
+    ``sigmas`` and derivative ``orders`` per axis, in voxels; a sigma below 0.3 voxels
+    with order 0 leaves that axis alone (as scipy's gaussian_filter would, nearly).
+    """
+    for axis, (sigma, order) in enumerate(zip(sigmas, orders, strict=True)):
+        if sigma < 0.3 and order == 0:
             continue
-        k = _gaussian_kernel(sigma).to(x.device, x.dtype)
+        k = _gaussian_kernel(max(sigma, 0.3), order).to(x.device, x.dtype)
         r = (len(k) - 1) // 2
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = len(k)
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.reshape(shape))
+        # cross-correlation with a flipped kernel = convolution (matters for odd orders)
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.flip(0).reshape(shape))
     return x
 
 
 def _classical(x: torch.Tensor, sigmas: Sequence[float], spacing: Sequence[float]) -> torch.Tensor:
-    """ilastik-like filters of normalised (B, 1, z, y, x): 1 + 5 x len(sigmas) channels.
+    """ilastik-like filters of normalised (B, 1, z, y, x): 1 + 6 x len(sigmas) channels.
 
     The intensity, then per sigma: Gaussian, gradient magnitude, difference of Gaussians
-    (sigma vs 2 sigma), and the smallest and largest Hessian eigenvalue (scale-normalised;
-    they tell blobs from tubes and sheets). ``spacing`` (z, y, x) scales sigmas and
-    derivatives per axis, so anisotropic voxels are measured in the same units.
+    (sigma vs 2 sigma), and the three Hessian eigenvalues (scale-normalised; they tell
+    blobs from tubes and sheets). Sigmas are in voxels of the finest axis; ``spacing``
+    (z, y, x) scales them and the derivatives per axis, so anisotropic voxels are
+    measured in the same physical units. The same bank as the random-forest baseline.
     """
     rel = [s / min(spacing) for s in spacing]  # voxel size in units of the finest axis
     out = [x]
     for sigma in sigmas:
         s = [sigma / r for r in rel]
-        g = _blur(x, s)
-        g2 = _blur(x, [2 * v for v in s])
-        grads = [torch.gradient(g, spacing=[rel[a]], dim=2 + a)[0] for a in range(3)]
+        g = _filter(x, s)
         out.append(g)
+        grads = []
+        for a in range(3):
+            orders = [0, 0, 0]
+            orders[a] = 1
+            grads.append(_filter(x, s, orders) / rel[a])
         out.append(torch.sqrt(grads[0] ** 2 + grads[1] ** 2 + grads[2] ** 2) * sigma)
-        out.append(g - g2)
+        out.append(g - _filter(x, [2 * v for v in s]))
         hess = {}
         for i in range(3):
             for j in range(i, 3):
-                hess[i, j] = torch.gradient(grads[i], spacing=[rel[j]], dim=2 + j)[0]
+                orders = [0, 0, 0]
+                orders[i] += 1
+                orders[j] += 1
+                hess[i, j] = _filter(x, s, orders) * (sigma * sigma / (rel[i] * rel[j]))
         lo, hi = _sym3_eig_extremes(hess)
-        out.append(lo * sigma * sigma)
-        out.append(hi * sigma * sigma)
+        mid = hess[0, 0] + hess[1, 1] + hess[2, 2] - lo - hi
+        out += [lo, mid, hi]
     return torch.cat(out, 1)
 
 
@@ -534,7 +555,7 @@ class QuickFeatures:
             raise ValueError(
                 f"feature_levels {bad} do not exist; this foundation has 0..{len(chans) - 1}"
             )
-        self.channels = sum(chans[lv] for lv in self.levels) + 1 + 5 * len(self.sigmas)
+        self.channels = sum(chans[lv] for lv in self.levels) + 1 + 6 * len(self.sigmas)
 
     def settings(self) -> dict:
         return {"levels": list(self.levels), "sigmas": list(self.sigmas),

@@ -30,6 +30,8 @@ _SLOTS: dict[int, FoundationSlot] = {}
 
 def foundation_slot(viewer: Any) -> FoundationSlot:
     """The slot of ``viewer`` (created on first use)."""
+    # Plugin widgets get napari's PublicOnlyProxy of the viewer: key on the real one.
+    viewer = getattr(viewer, "__wrapped__", viewer)
     key = id(viewer)
     if key not in _SLOTS:
         _SLOTS[key] = FoundationSlot()

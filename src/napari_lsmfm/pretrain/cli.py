@@ -1,0 +1,173 @@
+"""``lsmfm pretrain``: pretrain a Foundation from the command line (one process or torchrun).
+
+    lsmfm pretrain DATA --out WEIGHTS [--captions CAPTIONS.json] [--steps N]
+                        [--patch-size P] [--batch-size B] ...
+    lsmfm pretrain --synthetic --out WEIGHTS          # the rebuildable default corpus
+    torchrun --nproc_per_node 4 -m napari_lsmfm.cli pretrain DATA --out WEIGHTS
+
+Bad settings and unreadable data raise ValueError / OSError, which ``lsmfm`` prints as one
+line. Only rank 0 prints progress and the final JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .loop import ARCH_PRESETS, OBJECTIVES, PretrainConfig
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``pretrain`` subcommand to an argparse ``subparsers``; returns its parser."""
+    defaults = PretrainConfig()
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a foundation model on unlabelled volumes (or the synthetic corpus)",
+        description=(
+            "Pretrain a backbone with masked reconstruction, EMA-teacher distillation and "
+            "image-text (CLIP) alignment on random 3D patches of unlabelled volumes. Under "
+            "torchrun every process trains one replica (DDP)."
+        ),
+    )
+    p.add_argument(
+        "data", nargs="?", default=None,
+        help="folder (searched recursively) or file of TIFF / Zarr volumes, or synthetic://",
+    )
+    p.add_argument("--out", required=True, help="output model folder (model.safetensors + config.json)")
+    p.add_argument(
+        "--captions", default=None,
+        help="JSON mapping a folder, file or label name to a description (or a list of them)",
+    )
+    p.add_argument("--synthetic", action="store_true",
+                   help="train on the synthetic light-sheet corpus (no DATA needed)")
+    p.add_argument("--synthetic-volumes", type=int, default=None, metavar="N",
+                   help="distinct volumes in the synthetic corpus (default 192)")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--patch-size", type=int, nargs="+", default=[64], metavar="P",
+                   help="patch edge in voxels, or three values D H W (default 64)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="patches per step and process")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                   help="steps of learning-rate warm-up and of the warm-up mask ratio")
+    p.add_argument(
+        "--objectives", default=",".join(defaults.objectives),
+        help=f"comma-separated subset of {','.join(OBJECTIVES)} (default: all)",
+    )
+    p.add_argument("--masking", choices=("cube", "intensity"), default=defaults.masking,
+                   help="cube: uniform; intensity: masks drawn where the signal is")
+    p.add_argument("--channel-separated", action="store_true",
+                   help="a different mask per channel of multichannel volumes")
+    p.add_argument("--mask-ratio", type=float, default=defaults.mask_ratio)
+    p.add_argument("--warmup-mask-ratio", type=float, default=defaults.warmup_mask_ratio)
+    p.add_argument("--cube-sizes", type=int, nargs="+", default=list(defaults.cube_sizes))
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    p.add_argument("--arch", default="default",
+                   help=f"backbone: {', '.join(ARCH_PRESETS)}, or a JSON spec (text or file)")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help="steps between checkpoints in OUT/checkpoints (0: only at the end)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in OUT, or from CHECKPOINT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT holds a model or checkpoints")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp,
+                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--workers", type=int, default=defaults.num_workers,
+                   help="data-loading processes (0: load in the training process)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _spec(arch: str) -> dict:
+    if arch in ARCH_PRESETS:
+        return dict(ARCH_PRESETS[arch])
+    text = arch
+    if not arch.lstrip().startswith("{"):
+        path = Path(arch).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"--arch {arch!r} is neither a preset ({', '.join(ARCH_PRESETS)}) nor a JSON file"
+            )
+        text = path.read_text(encoding="utf-8")
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--arch is not valid JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise ValueError("--arch must be a JSON object of FoundationSpec fields")
+    return spec.get("spec", spec)  # a model's config.json works too
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The :class:`PretrainConfig` described by parsed ``lsmfm pretrain`` arguments."""
+    patch = args.patch_size[0] if len(args.patch_size) == 1 else tuple(args.patch_size)
+    if len(args.patch_size) not in (1, 3):
+        raise ValueError("--patch-size takes one value or three (D H W)")
+    return PretrainConfig(
+        steps=args.steps,
+        patch_size=patch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        mask_ratio=args.mask_ratio,
+        warmup_mask_ratio=args.warmup_mask_ratio,
+        cube_sizes=tuple(args.cube_sizes),
+        masking=args.masking,
+        channel_separated=args.channel_separated,
+        objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
+        ema_decay=args.ema_decay,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        num_workers=args.workers,
+        spec=_spec(args.arch),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lsmfm pretrain``; prints the final losses as one JSON line; returns 0."""
+    from napari_lsmfm.workers.job import run_job, terminal_progress
+
+    from .data import SYNTHETIC_PREFIX, open_source
+    from .loop import pretrain
+
+    if args.synthetic and args.data and not str(args.data).startswith(SYNTHETIC_PREFIX):
+        raise ValueError("give either DATA or --synthetic, not both")
+    data = SYNTHETIC_PREFIX if args.synthetic else args.data
+    if data is None:
+        raise ValueError("name the DATA folder of volumes, or use --synthetic")
+    config = config_from_args(args)
+    source = open_source(
+        data, config.patch_size, args.captions, seed=config.seed, n_volumes=args.synthetic_volumes
+    )
+    main = int(os.environ.get("RANK", "0")) == 0
+    result = run_job(
+        lambda ctx: pretrain(
+            config, source, args.out, ctx, resume=args.resume, overwrite=args.overwrite
+        ),
+        on_update=terminal_progress("pretrain ") if main else None,
+    )
+    if main:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m napari_lsmfm.pretrain.cli``) until ``lsmfm`` wires it."""
+    parser = argparse.ArgumentParser(prog="lsmfm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
