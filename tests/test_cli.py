@@ -42,7 +42,8 @@ def test_info_on_published_layouts(tmp_path, capsys, arch, use_text):
     from _checkpoints import make_lightning_checkpoint
 
     variant = "image_text" if use_text else "image_only"
-    path = make_lightning_checkpoint(tmp_path / f"{arch}_{variant}_best.ckpt", arch=arch, use_text=use_text)
+    path = tmp_path / f"{arch}_{variant}_best.ckpt"
+    make_lightning_checkpoint(path, arch=arch, use_text=use_text)
     assert main(["info", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == arch

@@ -50,7 +50,8 @@ def test_every_widget_in_manifest_is_real():
 @pytest.mark.slow
 def test_wheel_ships_the_same_manifest_and_samples(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(tmp_path),
+         str(ROOT)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -29,7 +29,7 @@ class TickRecorder:
 
     @property
     def max_gap(self):
-        return max(b - a for a, b in zip(self.times, self.times[1:]))
+        return max(b - a for a, b in zip(self.times, self.times[1:], strict=False))
 
 
 def _dock(viewer):
@@ -42,7 +42,8 @@ def _dock(viewer):
 def test_loads_checkpoint_without_blocking(make_napari_viewer, qtbot, tmp_path):
     from _checkpoints import make_lightning_checkpoint
 
-    ckpt = make_lightning_checkpoint(tmp_path / "unet_image_only_best.ckpt", arch="unet", use_text=False)
+    ckpt = tmp_path / "unet_image_only_best.ckpt"
+    make_lightning_checkpoint(ckpt, arch="unet", use_text=False)
     viewer = make_napari_viewer()
     widget = _dock(viewer)
     widget.path_edit.setText(str(ckpt))
