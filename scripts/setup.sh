@@ -44,9 +44,9 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     pip install -q torch
   elif pip install -q --no-index --no-deps torch >/dev/null 2>&1; then
     # A local CPU wheel in pip's find-links (as on our CI machines); then its dependencies.
-    ver=$(python -c "import torch; print(torch.__version__)")
+    ver=$(python -c "import importlib.metadata as m; print(m.version('torch'))")
     log "installed torch $ver from a local wheel"
-    pip install -q "torch==$ver"
+    pip install -q "torch==$ver" 2> >(grep -v "^WARNING: Location" >&2)
   else
     log "no GPU: installing the CPU build of torch"
     pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
@@ -58,7 +58,7 @@ fi
 stamp="$VENV/.lsmfm-installed"
 want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  torch_pin=$(python -c "import torch; print(torch.__version__)")
+  torch_pin=$(python -c "import importlib.metadata as m; print(m.version('torch'))")
   log "installing napari-lsmfm (torch $torch_pin kept)"
   pip install -q -e "$ROOT[dev]" --constraint <(echo "torch==$torch_pin") \
     2> >(grep -v "^WARNING: Location" >&2)

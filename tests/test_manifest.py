@@ -23,7 +23,9 @@ def test_npe2_validate_with_imports():
 def test_installed_manifest_is_the_top_level_file():
     from npe2 import PluginManager
 
-    manifest = PluginManager.instance().get_manifest("napari-lsmfm")
+    pm = PluginManager.instance()
+    pm.discover()  # a fresh process has not looked at the installed entry points yet
+    manifest = pm.get_manifest("napari-lsmfm")
     # The installed plugin reads src/napari_lsmfm/napari.yaml, a link to ./napari.yaml.
     import napari_lsmfm
 

@@ -22,7 +22,9 @@ def manifest_widgets() -> list[str]:
     """Display names of the plugin's dock widgets, from the installed manifest."""
     from npe2 import PluginManager
 
-    manifest = PluginManager.instance().get_manifest(PLUGIN)
+    pm = PluginManager.instance()
+    pm.discover()  # a fresh process has not looked at the installed entry points yet
+    manifest = pm.get_manifest(PLUGIN)
     return [w.display_name for w in manifest.contributions.widgets or []]
 
 

@@ -47,15 +47,19 @@ CONFIG_NAME = "config.json"
 class VoxelHead(nn.Module):
     """Per-voxel classifier: standardise, then an MLP; (N, C_in) -> (N, n_out) logits."""
 
-    def __init__(self, in_channels: int, n_out: int, hidden: int = 32, depth: int = 2) -> None:
+    def __init__(
+        self, in_channels: int, n_out: int, hidden: int = 32, depth: int = 2, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.in_channels = int(in_channels)
         self.n_out = int(n_out)
         self.hidden = int(hidden)
         self.depth = int(depth)
+        self.dropout = float(dropout)
         self.register_buffer("mean", torch.zeros(self.in_channels))
         self.register_buffer("std", torch.ones(self.in_channels))
-        layers: list[nn.Module] = []
+        # dropout on the inputs: no single (possibly uninformative) feature is relied upon
+        layers: list[nn.Module] = [nn.Dropout(self.dropout)] if self.dropout > 0 else []
         width = self.in_channels
         for _ in range(self.depth):
             layers += [nn.Linear(width, self.hidden), nn.ReLU()]
@@ -74,7 +78,7 @@ class VoxelHead(nn.Module):
 
     def settings(self) -> dict:
         return {"in_channels": self.in_channels, "n_out": self.n_out, "hidden": self.hidden,
-                "depth": self.depth}
+                "depth": self.depth, "dropout": self.dropout}
 
 
 class DenseHead(nn.Module):

@@ -31,6 +31,7 @@ request, instance labels for blob-like classes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -340,6 +341,8 @@ class SegmentConfig:
     sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
     voxel_size: tuple[float, float, float] | None = None
     hidden: int = 32
+    dropout: float = 0.0
+    weight_decay: float = 1e-4
     class_weights: Any = "balanced"
     freeze_steps: int | None = None
     encoder_lr_scale: float = 0.2
@@ -460,7 +463,6 @@ def _gaussian_kernel(sigma: float, order: int = 0) -> torch.Tensor:
         g = -x / sigma**2 * g
     elif order == 2:
         g = (x * x / sigma**4 - 1.0 / sigma**2) * g
-        g = g - g.mean()  # a flat input has no curvature
     return g.float()
 
 
@@ -606,6 +608,20 @@ def _image_key(image: Any) -> tuple:
 
 
 # ------------------------------------------------------------------------ context
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, n: int):
+    """Use ``n`` intra-op threads while on the CPU (restored afterwards)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Span:
@@ -869,7 +885,7 @@ class Segmenter:
         torch.manual_seed(cfg.seed)
         if not (cfg.warm_start and self.head is not None and self.classes == classes
                 and self.head.in_channels == X.shape[1]):
-            head = VoxelHead(X.shape[1], n_out, hidden=cfg.hidden)
+            head = VoxelHead(X.shape[1], n_out, hidden=cfg.hidden, dropout=cfg.dropout)
             head.set_standardization(X.float())
         else:
             head = copy.deepcopy(self.head)
@@ -880,7 +896,8 @@ class Segmenter:
         eval_idx = torch.from_numpy(
             rng.choice(n, size=min(n, 65536), replace=False)
         ).to(X.device)
-        opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate,
+                               weight_decay=cfg.weight_decay)
         steps = cfg.n_steps
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=steps, eta_min=0.1 * cfg.learning_rate
@@ -893,12 +910,13 @@ class Segmenter:
             head.train()
             return float(loss)
 
-        return self._train_loop(
-            head, steps, train_ctx,
-            step_fn=lambda: self._quick_step(head, opt, sched, X, Y, weights, rng),
-            evaluate=evaluate,
-            commit=lambda best: self._commit_quick(best, classes),
-        )
+        with _cpu_threads(X.device, 1):  # tiny ops: threading costs more than it gives
+            return self._train_loop(
+                head, steps, train_ctx,
+                step_fn=lambda: self._quick_step(head, opt, sched, X, Y, weights, rng),
+                evaluate=evaluate,
+                commit=lambda best: self._commit_quick(best, classes),
+            )
 
     def _quick_step(self, head, opt, sched, X, Y, weights, rng) -> float:
         idx = torch.from_numpy(rng.integers(len(X), size=min(self.config.batch, len(X))))
@@ -908,7 +926,7 @@ class Segmenter:
         loss.backward()
         opt.step()
         sched.step()
-        return float(loss)
+        return loss.item()
 
     def _commit_quick(self, head: VoxelHead, classes) -> None:
         head.eval()
@@ -1035,7 +1053,7 @@ class Segmenter:
                         f"{device}; use a smaller patch size or batch size, quick mode, or the CPU"
                     ) from exc
                 raise
-            value = float(loss)
+            value = loss.item()
             self_history.append(value)
             ema[0] = value if ema[0] is None else 0.9 * ema[0] + 0.1 * value
             return value
@@ -1323,7 +1341,7 @@ class Segmenter:
         head_cfg = config["head"]
         if mode == "quick":
             head = VoxelHead(head_cfg["in_channels"], head_cfg["n_out"], head_cfg["hidden"],
-                             head_cfg.get("depth", 2))
+                             head_cfg.get("depth", 2), head_cfg.get("dropout", 0.0))
             head.load_state_dict(parts["head"])
             if head.in_channels != seg._features.channels:
                 raise ValueError(

@@ -40,8 +40,9 @@ class JobRunner(QObject):
         # A list, so the destroyed-callback can reach the live context without `self`.
         self._ctx_box: list[QueueContext | None] = [None]
         self._worker: Any = None
-        self._done = threading.Event()
+        self._done = threading.Event()  # set by the job thread when fn returns or raises
         self._done.set()
+        self._active = False  # UI-thread view: True from start() until `finished` is emitted
         self._pbar: Any = None
         self._description = ""
         self._timer = QTimer(self)
@@ -59,7 +60,8 @@ class JobRunner(QObject):
 
     @property
     def running(self) -> bool:
-        return not self._done.is_set()
+        """True from :meth:`start` until every result signal has been delivered."""
+        return self._active
 
     @property
     def context(self) -> JobContext | None:
@@ -76,6 +78,7 @@ class JobRunner(QObject):
         self._ctx_box[0] = ctx
         self._description = description
         self._done.clear()
+        self._active = True
         done = self._done
 
         def run() -> Any:
@@ -152,6 +155,7 @@ class JobRunner(QObject):
             self._pbar.close()
             self._pbar = None
         self._worker = None
+        self._active = False
         self.finished.emit()
 
 
