@@ -23,6 +23,7 @@ from .loop import (
     latest_checkpoint,
     load_checkpoint,
     pretrain,
+    weights_digest,
 )
 from .masking import apply_mask, cube_mask, mask_ratio_at
 from .objectives import (
@@ -63,4 +64,5 @@ __all__ = [
     "masked_l1",
     "open_source",
     "pretrain",
+    "weights_digest",
 ]

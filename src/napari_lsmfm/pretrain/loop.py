@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import os
 import platform
@@ -429,7 +430,8 @@ def pretrain(
         overwrite: start afresh even when ``out`` already holds a model or checkpoints.
 
     Returns a dict: ``step`` (steps done), ``loss`` and each active term averaged over the
-    last ``min(50, max(1, steps // 10))`` steps, ``logit_scale``, ``wall_time_s``, ``out``.
+    last ``min(50, max(1, steps // 10))`` steps, ``logit_scale``, ``wall_time_s``, ``out``
+    and ``weights_sha256`` (this rank's final weights, see :func:`weights_digest`).
     Raises ValueError for bad settings or data, FileExistsError when ``out`` is in use.
     """
     ctx = ctx if ctx is not None else JobContext()
@@ -662,7 +664,19 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
         "logit_scale": student.logit_scale,
         "wall_time_s": wall,
         "out": str(out),
+        "weights_sha256": weights_digest(student),
     }
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (keys, dtypes, shapes and bytes): equal digests mean
+    identical weights (used to check that DDP ranks agree)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _sync_buffers(model: nn.Module, teacher: nn.Module | None, world: _World) -> None:

@@ -16,7 +16,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
@@ -25,6 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_lsmfm.widgets._parts import row
 from napari_lsmfm.widgets._state import foundation_slot
 from napari_lsmfm.workers.job import JobContext, Update
 from napari_lsmfm.workers.qt import JobRunner
@@ -33,17 +33,6 @@ if TYPE_CHECKING:
     import napari
 
 WEIGHT_FILTER = "Weights (*.ckpt *.pt *.pth *.safetensors config.json);;All files (*)"
-
-
-def available_devices() -> list[str]:
-    """Device names this machine offers, "auto" first."""
-    import torch
-
-    names = ["auto", "cpu"]
-    names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        names.append("mps")
-    return names
 
 
 class FoundationWidget(QWidget):
@@ -81,13 +70,13 @@ class FoundationWidget(QWidget):
         self.status.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("Weights", _row(self.path_edit, browse))
-        form.addRow("Vocabulary", _row(self.vocab_edit, browse_vocab))
+        form.addRow("Weights", row(self.path_edit, browse))
+        form.addRow("Vocabulary", row(self.vocab_edit, browse_vocab))
         form.addRow("", self.trust_box)
         form.addRow("Device", self.device_combo)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(_row(self.load_button, self.move_button))
+        layout.addWidget(row(self.load_button, self.move_button))
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
         layout.addStretch(1)
@@ -104,6 +93,8 @@ class FoundationWidget(QWidget):
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
         # Listing GPUs imports torch: do it when the widget is first shown, not at import.
         if not self._devices_listed:
+            from napari_lsmfm.model import available_devices
+
             self._devices_listed = True
             current = self.device_combo.currentText()
             self.device_combo.clear()
@@ -206,11 +197,3 @@ class FoundationWidget(QWidget):
             + "</table>"
         )
 
-
-def _row(*widgets: QWidget) -> QWidget:
-    box = QWidget()
-    lay = QHBoxLayout(box)
-    lay.setContentsMargins(0, 0, 0, 0)
-    for w in widgets:
-        lay.addWidget(w)
-    return box

@@ -1,0 +1,121 @@
+"""Small Qt parts shared by the dock widgets: layer pickers, a loss plot, result layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QPointF, Qt
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QSizePolicy, QWidget
+
+PLUGIN_KEY = "napari-lsmfm"
+
+
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of one type, kept in sync with the layer list."""
+
+    def __init__(self, viewer: Any, layer_type: str) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.layer_type = layer_type  # "Image" or "Labels"
+        events = viewer.layers.events
+        for name in ("inserted", "removed", "reordered"):
+            getattr(events, name).connect(self.refresh)
+        self.refresh()
+
+    def _names(self) -> list[str]:
+        return [
+            layer.name for layer in self.viewer.layers
+            if layer.__class__.__name__ == self.layer_type
+        ]
+
+    def refresh(self, *_: Any) -> None:
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(self._names())
+        if current in self._names():
+            self.setCurrentText(current)
+        self.blockSignals(False)
+
+    def showPopup(self) -> None:  # noqa: N802 (Qt API): names may have changed
+        self.refresh()
+        super().showPopup()
+
+    def layer(self) -> Any:
+        name = self.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+
+class LossPlot(QWidget):
+    """A minimal live loss curve (no plotting library needed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+        self.setMinimumHeight(90)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def clear(self) -> None:
+        self.values = []
+        self.update()
+
+    def add(self, value: float) -> None:
+        if np.isfinite(value):
+            self.values.append(float(value))
+            self.update()
+
+    def paintEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        painter = QPainter(self)
+        painter.fillRect(self.rect(), QColor(30, 30, 36))
+        painter.setPen(QColor(160, 160, 170))
+        if len(self.values) < 2:
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "loss")
+            return
+        v = np.asarray(self.values)
+        lo, hi = float(v.min()), float(v.max())
+        span = hi - lo or 1.0
+        w, h, m = self.width(), self.height(), 6
+        points = [
+            QPointF(m + (w - 2 * m) * i / (len(v) - 1), m + (h - 2 * m) * (1 - (x - lo) / span))
+            for i, x in enumerate(v)
+        ]
+        painter.setPen(QPen(QColor(90, 180, 250), 1.5))
+        painter.drawPolyline(QPolygonF(points))
+        painter.setPen(QColor(200, 200, 210))
+        painter.drawText(m, 14, f"loss {v[-1]:.4g} (min {lo:.4g}, {len(v)} steps)")
+
+
+def row(*widgets: QWidget) -> QWidget:
+    box = QWidget()
+    lay = QHBoxLayout(box)
+    lay.setContentsMargins(0, 0, 0, 0)
+    for w in widgets:
+        lay.addWidget(w)
+    return box
+
+
+def put_result_layer(viewer: Any, name: str, data: Any, kind: str, **kwargs: Any) -> Any:
+    """Add a result layer, or update the one this plugin made before under ``name``.
+
+    A layer of that name that the user made (or another plugin) is never touched: the
+    result goes to a new name ``name [2]``, ``name [3]``...
+    """
+    candidate, n = name, 1
+    while candidate in viewer.layers:
+        layer = viewer.layers[candidate]
+        meta = getattr(layer, "metadata", {}) or {}
+        if meta.get(PLUGIN_KEY) == name and layer.__class__.__name__.lower() == kind:
+            if layer.data.shape == np.shape(data):
+                layer.data = data
+                for key in ("scale", "translate"):
+                    if key in kwargs:
+                        setattr(layer, key, kwargs[key])
+                return layer
+        n += 1
+        candidate = f"{name} [{n}]"
+    metadata = dict(kwargs.pop("metadata", {}))
+    metadata[PLUGIN_KEY] = name
+    adder = {"labels": viewer.add_labels, "image": viewer.add_image}[kind]
+    return adder(data, name=candidate, metadata=metadata, **kwargs)

@@ -1,0 +1,98 @@
+"""The Few-shot segmentation dock widget in a real headless viewer."""
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_lsmfm.widgets._state import foundation_slot
+
+pytestmark = pytest.mark.gui
+
+
+def tiny_foundation():
+    from napari_lsmfm.model import Foundation, FoundationSpec
+
+    spec = FoundationSpec(architecture="unet", embed_dim=8, channels=(8, 16, 32), strides=(2, 2),
+                          num_res_units=1, norm="batch")
+    return Foundation(spec, source="test").eval()
+
+
+def brush_from_truth(truth, planes, seed=0):
+    """Strokes on a few z planes: all foreground as class 2, 5 % of background as class 1."""
+    rng = np.random.default_rng(seed)
+    brushes = np.zeros(truth.shape, np.uint8)
+    for z in planes:
+        fg = truth[z] > 0
+        brushes[z][fg] = 2
+        bg = ~fg & (rng.random(fg.shape) < 0.05)
+        brushes[z][bg] = 1
+    return brushes
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _setup(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-lsmfm", "nuclei")
+    foundation_slot(viewer).set(tiny_foundation())
+    _, widget = viewer.window.add_plugin_dock_widget(
+        plugin_name="napari-lsmfm", widget_name="Few-shot segmentation"
+    )
+    widget.image_combo.setCurrentText("nuclei")
+    layer = widget.add_brush_layer()
+    truth = viewer.layers["nuclei ground truth"].data
+    layer.data = brush_from_truth(truth, planes=(10, 24, 38))
+    return viewer, widget, truth
+
+
+def test_train_segments_volume_and_keeps_ui_responsive(make_napari_viewer, qtbot):
+    from test_widget_foundation import TickRecorder
+
+    viewer, widget, truth = _setup(make_napari_viewer)
+    before = {layer.name: layer.data.copy() for layer in viewer.layers}
+    widget.steps_spin.setValue(150)
+    with TickRecorder() as ticks:
+        widget.train_button.click()
+        assert widget.train_button.text() == "Stop"
+        qtbot.waitUntil(lambda: not widget.runner.running, timeout=180_000)
+    assert ticks.max_gap < 0.2, f"UI blocked for {ticks.max_gap:.3f} s"
+    assert len(widget.loss_plot.values) > 10
+    assert widget.loss_plot.values[-1] < widget.loss_plot.values[0]
+    seg = viewer.layers["nuclei segmentation"].data
+    assert seg.shape == truth.shape and set(np.unique(seg)) <= {0, 2}
+    # measured 0.82 with this random-init tiny backbone and 150 steps; threshold with margin
+    assert dice(seg == 2, truth > 0) > 0.6
+    assert "nuclei uncertainty" in viewer.layers
+    for name, data in before.items():  # the user's layers are untouched
+        np.testing.assert_array_equal(viewer.layers[name].data, data)
+    # a second run updates our layer instead of adding another
+    n_layers = len(viewer.layers)
+    widget.predict()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    assert len(viewer.layers) == n_layers
+
+
+def test_stop_within_a_second_keeps_best_model(make_napari_viewer, qtbot):
+    viewer, widget, truth = _setup(make_napari_viewer)
+    widget.steps_spin.setValue(100_000)
+    widget.train(then_predict=False)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.values) > 5, timeout=120_000)
+    t0 = time.perf_counter()
+    widget.train_button.click()  # "Stop"
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=5_000)
+    assert time.perf_counter() - t0 < 1.0
+    assert widget.segmenter.trained
+    assert "stopped early" in widget.status.text()
+
+
+def test_no_strokes_says_what_to_do(make_napari_viewer, qtbot):
+    viewer, widget, truth = _setup(make_napari_viewer)
+    viewer.layers["nuclei brushes"].data = np.zeros(truth.shape, np.uint8)
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
+    assert "Failed" in widget.status.text()
+    assert "nuclei segmentation" not in viewer.layers
+    assert widget.train_button.text() == "Train"
