@@ -46,6 +46,15 @@ def tiny_config(**changes) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tiny models gain nothing from a second thread, and lose a lot when the CPU is shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus():
     return SyntheticCorpus(32, n_volumes=3, volume_shape=(36, 40, 40), seed=1)
@@ -76,6 +85,8 @@ def test_cube_mask_sizes_vary_and_partial_border():
     assert ((fractions > 0.2) & (fractions < 0.8)).all()
     assert mask_ratio_at(0, 10, 0.05, 0.3) == 0.05
     assert mask_ratio_at(10, 10, 0.05, 0.3) == 0.3
+    tiny = cube_mask(torch.rand(1, 1, 32, 32, 32), 0.05, (16,))  # 8 cubes: still one masked
+    assert tiny.float().mean().item() == pytest.approx(1 / 8)
     masked = apply_mask(image, mask)
     assert (masked[mask] == 0).all() and torch.equal(masked[~mask], image[~mask])
 
@@ -149,6 +160,13 @@ def test_clip_loss_matched_below_shuffled():
     assert clip_loss(image, dup_text, scale, ids) < clip_loss(image, dup_text, scale)
     same = torch.zeros(8, dtype=torch.long)
     assert clip_loss(image, text, scale, same).item() == pytest.approx(0.0, abs=1e-6)
+    # Captions through labels: a batch of two "nuclei" images against one text per label.
+    labels = torch.randn(3, 16, generator=gen)
+    pair = labels[[0, 0]] + 0.1 * torch.randn(2, 16, generator=gen)
+    label_ids = torch.tensor([0, 1, 2])
+    right = clip_loss(pair, labels, scale, torch.tensor([0, 0]), label_ids)
+    wrong = clip_loss(pair, labels, scale, torch.tensor([1, 1]), label_ids)
+    assert 0 < right < wrong
     # The temperature is learnable and clamped at 100.
     learn = torch.tensor(LOGIT_SCALE_INIT, requires_grad=True)
     clip_loss(image, text, learn).backward()
@@ -173,7 +191,8 @@ def test_masked_losses_only_see_masked_voxels():
     changed[..., 4:] = torch.randn(1, 6, 8, 8, 4)
     assert distillation_loss(student, changed, mask).item() == pytest.approx(base.item())
     assert distillation_loss(teacher, teacher, mask) < base
-    assert alignment_loss(student.flatten(1), student.flatten(1)).item() == pytest.approx(0, abs=1e-6)
+    same = alignment_loss(student.flatten(1), student.flatten(1))
+    assert same.item() == pytest.approx(0, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- data
@@ -191,6 +210,9 @@ def test_folder_dataset_captions_and_lazy_patches(tmp_path):
     _write_tiff(tmp_path / "DAPI" / "brain1.tif", rng.integers(100, 4000, (40, 48, 48), np.uint16))
     _write_tiff(tmp_path / "lectin" / "sub" / "b.tif", rng.integers(0, 255, (20, 30, 30), np.uint8))
     _write_tiff(tmp_path / "unlabelled.tif", rng.random((36, 36, 36), np.float32))
+    from napari_lsmfm.io import write_volume
+
+    write_volume(tmp_path / "DAPI" / "brain2.ome.zarr", rng.random((34, 40, 40), np.float32))
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({
         "labels": {"nuclei": ["Nuclear stain, round blobs", "nuclei"], "vessels": "Lectin vessels"},
@@ -198,20 +220,20 @@ def test_folder_dataset_captions_and_lazy_patches(tmp_path):
     }))
     data = PatchDataset(tmp_path, 32, captions)
     assert [e.relative for e in data.entries] == [
-        "DAPI/brain1.tif", "lectin/sub/b.tif", "unlabelled.tif"
+        "DAPI/brain1.tif", "DAPI/brain2.ome.zarr", "lectin/sub/b.tif", "unlabelled.tif"
     ]
-    assert [e.labels for e in data.entries] == [["nuclei"], ["vessels"], [None]]
+    assert [e.labels for e in data.entries] == [["nuclei"], ["nuclei"], ["vessels"], [None]]
     seen = set()
     for i in range(12):
         patch = data.sample(np.random.default_rng(i))
         assert patch.image.shape == (1, 32, 32, 32) and patch.image.dtype == np.float32
         assert 0.0 <= patch.image.min() and patch.image.max() <= 1.0
         seen.add(patch.source)
-    assert len(seen) == 3
+    assert len(seen) == 4
     # The small volume (20 x 30 x 30) is zero-padded up to the patch.
-    small = data.entries[1]
+    small = data.entries[2]
     assert small.shape == (20, 30, 30)
-    assert data.describe()["captioned"] == 2
+    assert data.describe()["captioned"] == 3 and data.has_captions
 
 
 def test_caption_table_layouts():
@@ -249,7 +271,8 @@ def _backbone_change(out, config, corpus) -> float:
 
 
 @pytest.mark.parametrize(
-    "objectives", [("recon",), ("distill",), ("align",), ("clip",), ("recon", "distill", "align", "clip")]
+    "objectives",
+    [("recon",), ("distill",), ("align",), ("clip",), ("recon", "distill", "align", "clip")],
 )
 def test_each_objective_trains(tmp_path, corpus, objectives):
     config = tiny_config(objectives=objectives)
@@ -271,12 +294,17 @@ def test_each_objective_trains(tmp_path, corpus, objectives):
     )
 
 
+def test_bf16_autocast_step(tmp_path, corpus):
+    # The CUDA default (bf16 autocast) exercised on the CPU: dtypes mix without errors.
+    result = pretrain(tiny_config(steps=1, amp="bf16"), corpus, tmp_path / "m")
+    assert all(math.isfinite(result[k]) for k in ("recon", "distill", "align", "clip"))
+
+
 def test_intensity_channel_separated_on_multichannel_folder(tmp_path):
     rng = np.random.default_rng(1)
     two_channel = rng.integers(0, 1000, (32, 2, 36, 36), np.uint16)  # Z C Y X
-    _write_tiff(tmp_path / "data" / "stack.tif", two_channel, imagej=True, metadata={"axes": "ZCYX"})
-    captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({"data": "two stains"}))
+    path = tmp_path / "data" / "stack.tif"
+    _write_tiff(path, two_channel, imagej=True, metadata={"axes": "ZCYX"})
     data = PatchDataset(tmp_path / "data", 32, CaptionTable.from_mapping({"stack": "two stains"}))
     assert data.entries[0].channels == 2
     config = tiny_config(masking="intensity", channel_separated=True, objectives=("recon", "clip"))
@@ -285,7 +313,8 @@ def test_intensity_channel_separated_on_multichannel_folder(tmp_path):
 
 
 def test_no_captions_switches_text_objectives_off(tmp_path):
-    _write_tiff(tmp_path / "data" / "a.tif", np.random.default_rng(0).random((32, 32, 32), np.float32))
+    volume = np.random.default_rng(0).random((32, 32, 32), np.float32)
+    _write_tiff(tmp_path / "data" / "a.tif", volume)
     result = pretrain(tiny_config(steps=1), str(tmp_path / "data"), tmp_path / "m")
     assert "clip" not in result and "recon" in result
     record = json.loads((tmp_path / "m" / "config.json").read_text())["training"]
@@ -369,9 +398,10 @@ def test_lsmfm_info_command(resumed_run, capsys):
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path, corpus):
-    a = pretrain(tiny_config(steps=1, objectives=("recon",)), corpus, tmp_path / "a")
-    b = pretrain(tiny_config(steps=1, objectives=("recon",)), corpus, tmp_path / "b")
-    c = pretrain(tiny_config(steps=1, objectives=("recon",), seed=4), corpus, tmp_path / "c")
+    a = pretrain(tiny_config(steps=2, objectives=("recon",)), corpus, tmp_path / "a")
+    # Batches depend on (seed, rank, step) only: a data-loading process changes nothing.
+    b = pretrain(tiny_config(steps=2, objectives=("recon",), num_workers=1), corpus, tmp_path / "b")
+    c = pretrain(tiny_config(steps=2, objectives=("recon",), seed=4), corpus, tmp_path / "c")
     assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
 
 
@@ -382,9 +412,10 @@ def test_pretrain_cli_synthetic(tmp_path, capsys):
     from napari_lsmfm.pretrain import cli
 
     out = tmp_path / "m"
-    args = ["pretrain", "--synthetic", "--synthetic-volumes", "2", "--out", str(out),
-            "--steps", "2", "--patch-size", "32", "--batch-size", "1", "--device", "cpu",
-            "--objectives", "recon,clip", "--arch", json.dumps(TINY), "--warmup-steps", "1"]
+    common = ["pretrain", "--synthetic", "--synthetic-volumes", "2", "--out", str(out),
+              "--steps", "2", "--patch-size", "32", "--batch-size", "1", "--device", "cpu",
+              "--arch", json.dumps(TINY), "--warmup-steps", "1"]
+    args = [*common, "--objectives", "recon,clip"]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 2 and math.isfinite(result["clip"])
@@ -395,4 +426,26 @@ def test_pretrain_cli_synthetic(tmp_path, capsys):
         cli.main(args)
     assert cli.main([*args, "--resume"]) == 0  # already done: rewrites the same model
     with pytest.raises(ValueError, match="objectives"):
-        cli.main([*args[:-6], "--objectives", "recon,teleport", "--overwrite"])
+        cli.main([*common, "--objectives", "recon,teleport", "--overwrite"])
+
+
+def test_optional_bert_text_tower(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "tiny-bert"
+    folder.mkdir()
+    texts = corpus.captions.texts()
+    words = sorted({w for t in texts for w in t.lower().replace(",", " ").split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    transformers.BertModel(config).save_pretrained(folder)
+    run = tiny_config(steps=2, objectives=("clip",), text_model=str(folder),
+                      text_trainable_layers=1)
+    result = pretrain(run, corpus, tmp_path / "m")
+    assert math.isfinite(result["clip"])
+    fm = load_foundation(tmp_path / "m", device="cpu")  # vocab.txt is written next to it
+    assert fm.text_tower.kind == "bert"
+    assert fm.embed_text(["cell nuclei"]).shape == (1, 16)

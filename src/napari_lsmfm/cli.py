@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a checkpoint that needs full unpickling (can run code: trusted files only)",
     )
     p.set_defaults(func=_cmd_info)
+
+    # Task subcommands live beside their tasks; each sets its own `func`.
+    from napari_lsmfm.pretrain.cli import add_parser as add_pretrain
+    from napari_lsmfm.tasks.cli_deblur import add_parser as add_deblur
+    from napari_lsmfm.tasks.cli_segment import add_parser as add_segment
+
+    add_segment(sub)
+    add_deblur(sub)
+    add_pretrain(sub)
     return parser
 
 

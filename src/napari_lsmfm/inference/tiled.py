@@ -173,9 +173,10 @@ def _region_box(region: Any, shape: Sequence[int]) -> tuple[tuple[int, ...], tup
     lo, hi = [], []
     for r, n in zip(region, shape, strict=True):
         if isinstance(r, slice):
-            start, stop, step = r.indices(int(n))
-            if step != 1:
+            if r.step not in (None, 1):
                 raise ValueError("region slices must have step 1")
+            start = 0 if r.start is None else int(r.start)
+            stop = int(n) if r.stop is None else int(r.stop)
         else:
             start, stop = (int(v) for v in r)
         if not 0 <= start < stop <= n:
@@ -396,8 +397,10 @@ def predict_tiled(
         h_lo = [min(o[a] for o in origins) for a in range(3)]
         h_hi = [max(o[a] for o in origins) + grid.tile[a] for a in range(3)]
         hull = _read(volume, h_lo, h_hi)
-        for i in range(0, len(origins), runner.batch_size):
+        i = 0
+        while i < len(origins):  # the batch may shrink on the way (out of memory)
             batch = origins[i : i + runner.batch_size]
+            i += len(batch)
             windows = np.stack([hull[_window_slices(o, h_lo, grid.tile)] for o in batch])[:, None]
             outputs = runner(windows)
             if outputs.shape[1] != channels:
@@ -505,8 +508,10 @@ def predict_points(
     p0, p1 = progress
     if ctx is not None:
         ctx.report(p0, f"{message}: 0/{total} tiles", tile=0, tiles=total)
-    for i in range(0, total, runner.batch_size):
+    i = 0
+    while i < total:
         batch = origins[i : i + runner.batch_size]
+        i += len(batch)
         windows = np.stack(
             [_read(volume, o, [o[a] + grid.tile[a] for a in range(3)]) for o in batch]
         )[:, None]
@@ -526,7 +531,7 @@ def predict_points(
                 values[idx] += vals * np.asarray(w, np.float32).reshape(-1, 1)
                 wsum[idx] += w
         if ctx is not None:
-            done = min(i + len(batch), total)
+            done = i
             frac = p0 + (p1 - p0) * done / max(total, 1)
             ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
     if not crop:

@@ -807,6 +807,7 @@ def _atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # some writers create private temp files; weights are shared
         os.replace(tmp, target)
     finally:
         if tmp.exists():

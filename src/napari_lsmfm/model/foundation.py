@@ -389,7 +389,7 @@ class Foundation(nn.Module):
             levels.append(_crop(tensor, [math.ceil(s / stride) for s in size]).float())
         return levels
 
-    def _pool_embedding(self, dense: torch.Tensor) -> torch.Tensor:
+    def pool_embedding(self, dense: torch.Tensor) -> torch.Tensor:
         # As in pretraining: L2-normalise the features per voxel, then pool and project.
         feats = F.normalize(dense, dim=1)
         pooled = (
@@ -401,7 +401,7 @@ class Foundation(nn.Module):
         """(B, 1, D, H, W) -> (B, proj_dim) for image+text weights, else (B, embed_dim);
         L2-normalised. Runs without autograd unless grad=True."""
         with contextlib.nullcontext() if grad else torch.inference_mode():
-            return self._pool_embedding(self.forward(x))
+            return self.pool_embedding(self.forward(x))
 
     def embed_text(self, prompts: Sequence[str] | str, *, grad: bool = False) -> torch.Tensor:
         """(B,) prompts -> (B, proj_dim), L2-normalised, comparable with `embed_image`.

@@ -11,7 +11,15 @@ its checkpoints; ``cli`` is the ``lsmfm pretrain`` subcommand.
 """
 
 from .captions import SYNTHETIC_CAPTIONS, CaptionTable, load_captions
-from .data import BatchStream, Patch, PatchDataset, SyntheticCorpus, find_volumes, open_source
+from .data import (
+    BatchStream,
+    Patch,
+    PatchDataset,
+    PatchSource,
+    SyntheticCorpus,
+    find_volumes,
+    open_source,
+)
 from .loop import (
     ARCH_PRESETS,
     DEFAULT_LOSS_WEIGHTS,
@@ -20,6 +28,7 @@ from .loop import (
     PretrainConfig,
     PretrainModel,
     build_student,
+    external_text_tower,
     latest_checkpoint,
     load_checkpoint,
     pretrain,
@@ -45,6 +54,7 @@ __all__ = [
     "CaptionTable",
     "Patch",
     "PatchDataset",
+    "PatchSource",
     "PretrainConfig",
     "PretrainModel",
     "ReconstructionHead",
@@ -56,6 +66,7 @@ __all__ = [
     "cube_mask",
     "distillation_loss",
     "ema_update",
+    "external_text_tower",
     "find_volumes",
     "latest_checkpoint",
     "load_captions",

@@ -139,7 +139,9 @@ def _texts(key, value) -> list[str]:
         return [value]
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise ValueError(f"caption {key!r} must be a text or a list of texts, got {type(value).__name__}")
+    raise ValueError(
+        f"caption {key!r} must be a text or a list of texts, got {type(value).__name__}"
+    )
 
 
 def load_captions(path: str | os.PathLike) -> CaptionTable:

@@ -36,7 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "data", nargs="?", default=None,
         help="folder (searched recursively) or file of TIFF / Zarr volumes, or synthetic://",
     )
-    p.add_argument("--out", required=True, help="output model folder (model.safetensors + config.json)")
+    p.add_argument(
+        "--out", required=True, help="output model folder (model.safetensors + config.json)"
+    )
     p.add_argument(
         "--captions", default=None,
         help="JSON mapping a folder, file or label name to a description (or a list of them)",
@@ -80,6 +82,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--workers", type=int, default=defaults.num_workers,
                    help="data-loading processes (0: load in the training process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: all cores; fewer on a busy machine)")
+    p.add_argument(
+        "--text-model", default=None, metavar="FOLDER",
+        help="optional local Hugging Face BERT folder as text tower (needs transformers); "
+        "default: our own small offline text tower",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -129,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         amp=args.amp,
         num_workers=args.workers,
         spec=_spec(args.arch),
+        text_model=args.text_model,
     )
 
 
@@ -145,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     if data is None:
         raise ValueError("name the DATA folder of volumes, or use --synthetic")
     config = config_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     source = open_source(
         data, config.patch_size, args.captions, seed=config.seed, n_volumes=args.synthetic_volumes
     )

@@ -55,6 +55,9 @@ class PatchSource(Protocol):
     captions: CaptionTable
     patch_size: tuple[int, int, int]
 
+    @property
+    def has_captions(self) -> bool: ...
+
     def sample(self, rng: np.random.Generator) -> Patch: ...
 
     def describe(self) -> dict: ...
@@ -75,7 +78,8 @@ def _corner(rng: np.random.Generator, size: int, patch: int) -> int:
 def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Zero-pad the last three axes at the far end up to ``size`` (volumes smaller than a
     patch; zero is the normalised background)."""
-    pads = [(0, 0)] * (array.ndim - 3) + [(0, max(0, s - a)) for a, s in zip(array.shape[-3:], size)]
+    grow = [(0, max(0, s - a)) for a, s in zip(array.shape[-3:], size, strict=True)]
+    pads = [(0, 0)] * (array.ndim - 3) + grow
     return np.pad(array, pads) if any(p for _, p in pads) else array
 
 
@@ -203,12 +207,17 @@ class PatchDataset:
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def has_captions(self) -> bool:
+        """Whether any volume (or channel) has a caption label."""
+        return any(label is not None for e in self.entries for label in e.labels)
+
     def sample(self, rng: np.random.Generator) -> Patch:
         """A random patch of a random volume (volumes equally likely), randomly flipped in Y/X."""
         index = int(rng.integers(len(self.entries)))
         entry = self.entries[index]
-        corner = [_corner(rng, s, p) for s, p in zip(entry.shape, self.patch_size)]
-        region = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size))
+        corner = [_corner(rng, s, p) for s, p in zip(entry.shape, self.patch_size, strict=True)]
+        region = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size, strict=True))
         data = self._volume(index).data
         channels = []
         for c in range(entry.channels):
@@ -274,6 +283,10 @@ class SyntheticCorpus:
         self.captions = CaptionTable.synthetic(self.kinds)
         self._cache: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
 
+    @property
+    def has_captions(self) -> bool:
+        return True
+
     def volume_params(self, j: int) -> dict:
         """The keyword arguments of ``make_volume`` for volume ``j`` (deterministic)."""
         rng = np.random.default_rng([self.seed, j])
@@ -306,8 +319,8 @@ class SyntheticCorpus:
         """A random patch of a random volume, randomly flipped in Y/X."""
         j = int(rng.integers(self.n_volumes))
         image, intensity_range = self._volume(j)
-        corner = [_corner(rng, s, p) for s, p in zip(image.shape, self.patch_size)]
-        region = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size))
+        corner = [_corner(rng, s, p) for s, p in zip(image.shape, self.patch_size, strict=True)]
+        region = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size, strict=True))
         patch = normalize_intensity(image[region], intensity_range=intensity_range)
         patch = _pad_to(patch[None], self.patch_size)
         kind = self.kinds[j % len(self.kinds)]

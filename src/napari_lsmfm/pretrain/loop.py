@@ -56,7 +56,6 @@ from .objectives import (
     clip_loss,
     distillation_loss,
     ema_update,
-    masked_l1,
 )
 
 OBJECTIVES = ("recon", "distill", "align", "clip")
@@ -66,10 +65,10 @@ DEFAULT_LOSS_WEIGHTS = {"distill": 0.5, "recon": 0.3, "align": 0.05, "clip": 0.3
 # The embedded default backbone: small enough to finetune on a laptop CPU (see README).
 DEFAULT_SPEC = {
     "architecture": "unet",
-    "embed_dim": 32,
+    "embed_dim": 16,
     "channels": [16, 32, 64, 128, 256],
     "strides": [2, 2, 2, 2],
-    "num_res_units": 1,
+    "num_res_units": 0,
     "norm": "INSTANCE",
 }
 # Named backbones for --arch: the default, and the published sizes (GPU territory).
@@ -87,6 +86,7 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "swinunetr-small": {"architecture": "swinunetr", "embed_dim": 48, "feature_size": 12},
 }
 CHECKPOINT_FORMAT = "napari-lsmfm-pretrain"
+_MAX_LABEL_NEGATIVES = 256
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -114,6 +114,12 @@ class PretrainConfig:
     spec: the backbone (FoundationSpec fields without text; see ``DEFAULT_SPEC``).
     proj_dim, text_width, text_layers, text_tokenizer: the image-text space and our own
     text tower, whose vocabulary is built from the captions and stored in the weights.
+    clip_all_labels: besides the batch's captions, CLIP contrasts each image with one
+    description of every other label (captions through labels), so batches of two work.
+    text_model: optional local folder of a Hugging Face BERT (config.json, weights,
+    vocab.txt; needs ``transformers``) used as the text tower instead of ours, as in the
+    published model: frozen during the warm-up, then its top ``text_trainable_layers``
+    layers train at ``text_lr_scale * lr``.
     """
 
     steps: int = 3000
@@ -146,6 +152,10 @@ class PretrainConfig:
     text_width: int = 128
     text_layers: int = 2
     text_tokenizer: str = "trigram"
+    clip_all_labels: bool = True
+    text_model: str | None = None
+    text_trainable_layers: int = 4
+    text_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.objectives, str):
@@ -194,9 +204,10 @@ class PretrainConfig:
 
 class PretrainModel(nn.Module):
     """What the optimizer trains (and DDP wraps): the student Foundation, the reconstruction
-    head and the CLIP temperature. ``forward(x, texts)`` returns dense features
-    (N, E, D, H, W), the reconstruction (N, 1, D, H, W) or None, image embeddings (N, P) or
-    None and text embeddings (T, P) or None (both L2-normalised)."""
+    head and the CLIP temperature. ``forward(x, texts, voxels)`` returns dense features
+    (N, E, D, H, W), the reconstruction at the ``voxels`` (N, D, H, W bool) as (M, 1) or
+    None, image embeddings (N, P) or None and text embeddings (T, P) or None (both
+    L2-normalised)."""
 
     def __init__(self, student: Foundation, recon_kernel: int | None, clip: bool) -> None:
         super().__init__()
@@ -208,12 +219,19 @@ class PretrainModel(nn.Module):
         )
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT)) if clip else None
 
-    def forward(self, x: torch.Tensor, texts: Sequence[str] | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        texts: Sequence[str] | None = None,
+        voxels: torch.Tensor | None = None,
+    ):
         dense = self.student(x)
-        recon = self.recon_head(dense) if self.recon_head is not None else None
+        recon = None
+        if self.recon_head is not None and voxels is not None:
+            recon = self.recon_head.forward_voxels(dense, voxels)
         image = text = None
         if texts is not None:
-            image = self.student._pool_embedding(dense)  # the embedding embed_image returns
+            image = self.student.pool_embedding(dense)  # the embedding embed_image returns
             text = F.normalize(self.student.text_tower(list(texts)).float(), dim=-1)
         return dense, recon, image, text
 
@@ -225,28 +243,85 @@ def build_student(config: PretrainConfig, captions_texts: Sequence[str]) -> Foun
     use_text = any(o in config.objectives for o in TEXT_OBJECTIVES)
     if not use_text:
         return Foundation(FoundationSpec.from_dict({**spec_dict, "variant": "image_only"}))
-    vocab = build_vocab(captions_texts, tokenizer=config.text_tokenizer)
-    heads = 4 if config.text_width % 4 == 0 else 1
-    tower = build_lsmfm_text_tower(
-        vocab,
-        config.proj_dim,
-        width=config.text_width,
-        layers=config.text_layers,
-        heads=heads,
-        tokenizer=config.text_tokenizer,
-    )
+    if config.text_model:
+        tower = external_text_tower(config.text_model, config.proj_dim)
+    else:
+        vocab = build_vocab(captions_texts, tokenizer=config.text_tokenizer)
+        heads = 4 if config.text_width % 4 == 0 else 1
+        tower = build_lsmfm_text_tower(
+            vocab,
+            config.proj_dim,
+            width=config.text_width,
+            layers=config.text_layers,
+            heads=heads,
+            tokenizer=config.text_tokenizer,
+        )
     spec = FoundationSpec.from_dict(
         {**spec_dict, "variant": "image_text", "proj_dim": config.proj_dim, "text": tower.config()}
     )
     return Foundation(spec, text_tower=tower)
 
 
-def _student_from_spec(spec: FoundationSpec) -> Foundation:
+def external_text_tower(folder: str | os.PathLike, proj_dim: int):
+    """A "bert" TextTower from a local Hugging Face BERT folder (no download): its weights,
+    its vocab.txt, and a fresh projection to ``proj_dim``. Raises ValueError when the
+    folder is not a BERT or ``transformers`` is missing."""
+    from napari_lsmfm.model import TextTower, TextTowerUnavailable
+    from napari_lsmfm.model.text import bert_config_from_state
+
+    folder = Path(folder).expanduser()
+    if not (folder / "vocab.txt").is_file() or not (folder / "config.json").is_file():
+        raise ValueError(
+            f"--text-model {folder} must be a local BERT folder with config.json, the weights "
+            "and vocab.txt (e.g. what transformers' save_pretrained writes)"
+        )
+    try:
+        from transformers import BertModel
+
+        bert = BertModel.from_pretrained(str(folder), local_files_only=True)
+    except ImportError:
+        raise ValueError(
+            "--text-model needs the optional package transformers: "
+            "pip install 'napari-lsmfm[text]'"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--text-model {folder}: not a readable BERT ({exc})") from None
+    state = bert.state_dict()
+    config = bert_config_from_state(state, proj_dim=proj_dim, name=folder.name)
+    try:
+        tower = TextTower.from_config(config, vocab=folder / "vocab.txt")
+    except TextTowerUnavailable as exc:
+        raise ValueError(str(exc)) from None
+    missing, _ = tower.encoder.load_state_dict(state, strict=False)
+    weights = {k for k, v in tower.encoder.named_parameters()}
+    if weights & set(missing):
+        raise ValueError(f"--text-model {folder}: weights missing for {sorted(missing)[:3]}")
+    return tower
+
+
+def _student_from_spec(spec: FoundationSpec, config: PretrainConfig) -> Foundation:
     """A Foundation for a saved spec (resume), text tower included."""
     from napari_lsmfm.model import TextTower
 
-    tower = TextTower.from_config(spec.text) if spec.text is not None else None
+    tower = None
+    if spec.text is not None:
+        vocab = Path(config.text_model) / "vocab.txt" if config.text_model else None
+        tower = TextTower.from_config(spec.text, vocab=vocab)
     return Foundation(spec, text_tower=tower)
+
+
+def _text_encoder_groups(student: Foundation, config: PretrainConfig) -> list[nn.Parameter]:
+    """Freeze a BERT text encoder except its top layers; returns those trainable parameters
+    (they get their own optimizer group). Our own small tower trains whole: []."""
+    tower = student.text_tower
+    if tower is None or tower.kind != "bert":
+        return []
+    tower.encoder.requires_grad_(False)
+    layers = tower.encoder.encoder.layer
+    keep = max(0, min(config.text_trainable_layers, len(layers)))
+    for layer in layers[len(layers) - keep :]:
+        layer.requires_grad_(True)
+    return [p for p in tower.encoder.parameters() if p.requires_grad]
 
 
 def _teacher_of(student: Foundation) -> Foundation:
@@ -306,18 +381,6 @@ def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     from napari_lsmfm.model import amp_dtype
 
     return amp_dtype(device)
-
-
-def _gather_rows(rows: torch.Tensor, count: int, total: int, world: _World) -> torch.Tensor:
-    """Concatenate every rank's first ``count`` rows (differentiably); ``total`` is the
-    largest count over ranks (rows are padded to it for the collective)."""
-    if not world.distributed:
-        return rows[:count]
-    from torch.distributed.nn.functional import all_gather
-
-    padded = rows.new_zeros((total, *rows.shape[1:]))
-    padded = padded.index_copy(0, torch.arange(count, device=rows.device), rows[:count])
-    return torch.cat(all_gather(padded))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -471,13 +534,13 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
             f"the data source draws {source.patch_size} patches but the config asks for "
             f"{config.patch_size}"
         )
-    has_captions = bool(source.captions.labels)
+    has_captions = bool(getattr(source, "has_captions", bool(source.captions.labels)))
     objectives = list(config.objectives)
     notes: list[str] = []
     if not has_captions and any(o in objectives for o in TEXT_OBJECTIVES):
         dropped = [o for o in objectives if o in TEXT_OBJECTIVES]
         objectives = [o for o in objectives if o not in TEXT_OBJECTIVES]
-        notes.append(f"no captions: {', '.join(dropped)} switched off")
+        notes.append(f"no captions matched the data: {', '.join(dropped)} switched off")
         if not objectives:
             raise ValueError(
                 "only image-text objectives were asked for but the data have no captions; "
@@ -488,7 +551,7 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
     # The same seed gives the same initial weights on every rank (DDP also broadcasts them).
     torch.manual_seed(run_config.seed)
     if state is not None:
-        student = _student_from_spec(FoundationSpec.from_dict(state["spec"]))
+        student = _student_from_spec(FoundationSpec.from_dict(state["spec"]), run_config)
     else:
         student = build_student(run_config, source.captions.texts())
     use_text = student.text_tower is not None and any(o in objectives for o in TEXT_OBJECTIVES)
@@ -510,23 +573,28 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
         elapsed_before = float(state.get("wall_time_s", 0.0))
         notes.append(f"resumed from {ckpt_path.name} at step {start_step}")
     model.train()
-    if student.text_tower is not None and not use_text:
-        student.text_tower.requires_grad_(False)  # kept as loaded, not trained
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": run_config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=run_config.lr,
-    )
+    if not use_text:  # kept as loaded, not trained (DDP wants every trained weight used)
+        for part in (student.text_tower, student.image_proj):
+            if part is not None:
+                part.requires_grad_(False)
+    text_encoder = _text_encoder_groups(student, run_config) if use_text else []
+    encoder_ids = {id(p) for p in text_encoder}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": run_config.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if text_encoder:  # the published recipe: frozen in the warm-up, then the top layers train
+        groups.append({
+            "params": text_encoder, "weight_decay": 0.01,
+            "lr_scale": run_config.text_lr_scale, "frozen_in_warmup": True,
+        })
+    optimizer = torch.optim.AdamW(groups, lr=run_config.lr)
     dtype = _amp_dtype(run_config.amp, device)
     scaler = None
-    if dtype == torch.float16:
-        scaler = torch.amp.GradScaler(device.type)
+    if dtype == torch.float16:  # fp16 needs loss scaling; bf16 does not
+        make = getattr(torch.amp, "GradScaler", None)
+        scaler = make(device.type) if make is not None else torch.cuda.amp.GradScaler()
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -562,6 +630,7 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
         batches = (stream[s] for s in range(start_step, run_config.steps))
 
     weights = run_config.loss_weights
+    label_texts = [source.captions.labels[name] for name in source.captions.label_names]
     window = min(50, max(1, run_config.steps // 10))
     history: list[dict[str, float]] = list(state.get("history", [])) if state else []
     step = start_step
@@ -597,24 +666,24 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
         for batch in batches:
             terms = _train_step(
                 net, model, teacher, batch, step, run_config, objectives, use_text, optimizer,
-                scaler, dtype, world, weights,
+                scaler, dtype, world, weights, label_texts,
             )
             step += 1
             history.append(terms)
             del history[:-window]
-            stop = ctx.cancelled
-            if world.distributed:
-                flag = torch.tensor([float(stop)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
             if main:
-                with contextlib.suppress(Cancelled):
+                with contextlib.suppress(Cancelled):  # handled below, on every rank
                     ctx.report(
                         step / run_config.steps,
                         f"step {step}/{run_config.steps}",
                         step=step,
                         **{k: float(v) for k, v in terms.items()},
                     )
+            stop = ctx.cancelled
+            if world.distributed:
+                flag = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
             if stop:
                 checkpoint(step)
                 raise Cancelled(f"pretraining stopped at step {step}; resume with --resume")
@@ -675,7 +744,7 @@ def weights_digest(module: nn.Module) -> str:
     for key, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -691,9 +760,63 @@ def _sync_buffers(model: nn.Module, teacher: nn.Module | None, world: _World) ->
             dist.broadcast(buffer.data, src=0)
 
 
+def _step_texts(
+    texts_per_item: Sequence[str | None],
+    ids_per_item: Sequence[int],
+    captioned: Sequence[int],
+    label_texts: Sequence[Sequence[str]],
+    all_labels: bool,
+    generator: torch.Generator,
+) -> tuple[list[str], list[int]]:
+    """The captions to embed this step and their label ids: the batch's own (deduplicated),
+    then with ``all_labels`` one description of every other label (at most
+    ``_MAX_LABEL_NEGATIVES``), so CLIP has negatives even when the batch has one label."""
+    texts: list[str] = []
+    ids: list[int] = []
+    for i in captioned:
+        if texts_per_item[i] not in texts:
+            texts.append(texts_per_item[i])
+            ids.append(int(ids_per_item[i]))
+    if all_labels and texts:
+        present = set(ids)
+        others = [label for label in range(len(label_texts)) if label not in present]
+        if len(others) > _MAX_LABEL_NEGATIVES:
+            pick = torch.randperm(len(others), generator=generator)[:_MAX_LABEL_NEGATIVES]
+            others = [others[int(k)] for k in sorted(pick.tolist())]
+        for label in others:
+            options = label_texts[label]
+            texts.append(options[int(torch.randint(len(options), (1,), generator=generator))])
+            ids.append(label)
+    return texts, ids
+
+
+def _gather_labelled(
+    rows: torch.Tensor, ids: torch.Tensor, world: _World
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (rows, ids) concatenated, rows differentiably (DDP); unchanged alone."""
+    if not world.distributed:
+        return rows, ids
+    from torch.distributed.nn.functional import all_gather
+
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    total = int(count.item())
+    if total == 0:
+        return rows, ids
+    padded = rows.new_zeros((total, *rows.shape[1:]))
+    padded = padded.index_copy(0, torch.arange(rows.shape[0], device=rows.device), rows)
+    padded_ids = torch.full((total,), -2, dtype=torch.long, device=rows.device)
+    padded_ids[: ids.shape[0]] = ids
+    gathered_ids = [torch.empty_like(padded_ids) for _ in range(world.size)]
+    dist.all_gather(gathered_ids, padded_ids)
+    all_ids = torch.cat(gathered_ids)
+    keep = all_ids != -2  # the padding of ranks with fewer rows
+    return torch.cat(all_gather(padded))[keep], all_ids[keep]
+
+
 def _train_step(
     net, model, teacher, batch, step, config, objectives, use_text, optimizer, scaler, dtype,
-    world, weights,
+    world, weights, label_texts,
 ) -> dict[str, float]:
     """One optimizer step; returns the loss terms (averaged over ranks) as floats."""
     device = world.device
@@ -715,22 +838,35 @@ def _train_step(
     texts_per_item = batch["texts"]
     captioned = [i for i, t in enumerate(texts_per_item) if t is not None]
 
-    texts = None
+    texts: list[str] | None = None
+    text_ids: list[int] = []
     if use_text:
-        unique = sorted({texts_per_item[i] for i in captioned})
+        texts, text_ids = _step_texts(
+            texts_per_item, batch["label_ids"].tolist(), captioned, label_texts,
+            "clip" in objectives and config.clip_all_labels, generator,
+        )
         # A step without captions still runs the text tower, so DDP sees every parameter used.
-        texts = unique or [next(iter(model.student.text_tower.vocabulary[2:]), "none")]
+        if not texts:
+            texts, text_ids = [next(iter(model.student.text_tower.vocabulary[2:]), "none")], [-1]
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, config)
+        frozen = group.get("frozen_in_warmup", False) and step < config.warmup_steps
+        group["lr"] = 0.0 if frozen else lr_at(step, config) * group.get("lr_scale", 1.0)
 
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     )
     terms: dict[str, torch.Tensor] = {}
     with autocast:
-        dense, recon, image_emb, text_emb = net(apply_mask(x, mask), texts)
+        voxels = mask[:, 0]
+        dense, recon, image_emb, text_emb = net(
+            apply_mask(x, mask), texts, voxels if "recon" in objectives else None
+        )
         if "recon" in objectives:
-            terms["recon"] = masked_l1(recon.float(), x, mask)
+            # Masked L1: the head only ran on the masked voxels.
+            target = x[:, 0][voxels]
+            terms["recon"] = (
+                (recon[:, 0].float() - target).abs().mean() if target.numel() else recon.sum() * 0
+            )
         if "distill" in objectives:
             with torch.no_grad():
                 target = teacher(x)
@@ -739,39 +875,27 @@ def _train_step(
             )
     zero = dense.new_zeros(())
     if use_text:
-        index = {t: j for j, t in enumerate(texts)}
-        rows = torch.tensor([index[texts_per_item[i]] for i in captioned], dtype=torch.long,
+        first = {}
+        for j, t in enumerate(texts):
+            first.setdefault(t, j)
+        rows = torch.tensor([first[texts_per_item[i]] for i in captioned], dtype=torch.long,
                             device=device)
         cap = torch.tensor(captioned, dtype=torch.long, device=device)
         img = image_emb.float().index_select(0, cap)
-        txt = text_emb.float().index_select(0, rows)
-        cap_ids = ids.index_select(0, cap)
-        count = len(captioned)
-        total = count
-        if world.distributed:
-            counts = torch.tensor([count], device=device)
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-            total = int(counts.item())
         # Keep every parameter in the graph even when this rank has no captioned item.
         zero = zero + 0.0 * (image_emb.sum() + text_emb.sum())
         if "align" in objectives:
-            terms["align"] = alignment_loss(img, txt) if count else zero.clone()
+            own = text_emb.float().index_select(0, rows)
+            terms["align"] = alignment_loss(img, own) if captioned else zero.clone()
         if "clip" in objectives:
             zero = zero + 0.0 * model.logit_scale
-            if total > 0:
-                all_img = _gather_rows(img, count, total, world)
-                all_txt = _gather_rows(txt, count, total, world)
-                all_ids = _gather_rows(
-                    cap_ids[:, None].float(), count, total, world
-                )[:, 0].long()
-                if world.distributed:  # drop the padding rows of ranks with fewer items
-                    valid = _gather_rows(
-                        torch.ones(count, 1, device=device), count, total, world
-                    )[:, 0] > 0
-                    all_img, all_txt, all_ids = all_img[valid], all_txt[valid], all_ids[valid]
-                terms["clip"] = clip_loss(all_img, all_txt, model.logit_scale, all_ids)
-            else:
-                terms["clip"] = zero.clone()
+            all_img, img_ids = _gather_labelled(img, ids.index_select(0, cap), world)
+            txt_ids = torch.tensor(text_ids, dtype=torch.long, device=device)
+            all_txt, all_txt_ids = _gather_labelled(text_emb.float(), txt_ids, world)
+            keep = all_txt_ids >= 0  # the placeholder text of a step without captions
+            terms["clip"] = clip_loss(
+                all_img, all_txt[keep], model.logit_scale, img_ids, all_txt_ids[keep]
+            )
     loss = zero + sum(weights[k] * v for k, v in terms.items())
 
     optimizer.zero_grad(set_to_none=True)
@@ -799,7 +923,7 @@ def _train_step(
     if world.distributed:
         dist.all_reduce(values)
         values /= world.size
-    out = dict(zip(["loss", *terms], values.tolist()))
+    out = dict(zip(["loss", *terms], values.tolist(), strict=True))
     out["lr"] = lr_at(step, config)
     out["mask_ratio"] = ratio
     return out

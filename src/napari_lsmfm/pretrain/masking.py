@@ -40,7 +40,7 @@ def cube_mask(
     Args:
         image: (B, C, D, H, W) float, intensities scaled to about [0, 1]; only its shape is
             used for ``mode="cube"``.
-        ratio: fraction of the cubes to mask, in [0, 1].
+        ratio: fraction of the cubes to mask, in [0, 1] (rounded; at least one cube when > 0).
         cube_sizes: edge lengths in voxels; each volume draws one of them.
         mode: "cube" (uniform over cubes) or "intensity" (probability proportional to the
             cube's mean intensity plus ``background`` times the brightest cube's mean, so
@@ -87,6 +87,8 @@ def _one_mask(
     grid = [-(-s // size) for s in spatial]  # ceil: a partial cube at the far border
     n_cubes = grid[0] * grid[1] * grid[2]
     k = int(round(ratio * n_cubes))
+    if ratio > 0:
+        k = max(k, 1)  # a small patch with a low warm-up ratio still masks one cube
     n_masks = c if channel_separated else 1
     if mode == "intensity":
         with torch.no_grad():

@@ -43,6 +43,23 @@ class ReconstructionHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.decoder(features)
 
+    def forward_voxels(self, features: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        """The reconstruction at selected voxels only: features (B, E, D, H, W), voxels
+        (B, D, H, W) bool -> (N, out_channels) for the N True voxels, in ``voxels`` order.
+
+        With 1x1x1 kernels the head is the same per-voxel MLP, so computing it where the
+        loss looks (the masked voxels) saves most of its cost at full resolution.
+        """
+        selected = features.movedim(1, -1)[voxels]  # (N, E)
+        if self.decoder[0].kernel_size != (1, 1, 1):
+            return self.decoder(features).movedim(1, -1)[voxels]
+        for layer in self.decoder:
+            if isinstance(layer, nn.Conv3d):
+                selected = F.linear(selected, layer.weight.flatten(1), layer.bias)
+            else:
+                selected = layer(selected)
+        return selected
+
 
 def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over masked voxels.
@@ -94,34 +111,44 @@ def clip_loss(
     text_embedding: torch.Tensor,
     logit_scale: torch.Tensor,
     caption_ids: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between N images and their N captions.
+    """Symmetric InfoNCE between N images and M captions.
 
-    image_embedding, text_embedding: (N, P), row i of one pairs with row i of the other.
+    image_embedding: (N, P); text_embedding: (M, P).
     logit_scale: scalar log of the inverse temperature (learnable), clamped to <= log 100.
-    caption_ids: (N,) ints; rows with the same id share a caption and are positives of each
+    caption_ids: (N,) label ids of the images. With ``text_ids`` None the rows are pairs
+    (M == N) and rows with the same id share a caption, so they are positives of each
     other (otherwise a batch with two "nuclei" volumes would push one nuclei caption away
-    from a nuclei image). None: every row is its own class (the standard CLIP loss).
+    from a nuclei image). text_ids: (M,) label ids of the captions, when the captions are
+    not row-paired (e.g. one description per label: every label is a negative even in a
+    batch of two). None and None: every row is its own class (the standard CLIP loss).
     Returns a scalar: the mean of the image->text and text->image terms, each
-    ``-log(sum of softmax over the positives)``. With one distinct caption it is zero.
+    ``-log(sum of softmax over the positives)``; the text->image term counts captions
+    that have a positive image. With one distinct caption it is zero.
     """
     n = image_embedding.shape[0]
     img = F.normalize(image_embedding.float(), dim=-1)
     txt = F.normalize(text_embedding.float(), dim=-1)
     scale = logit_scale.float().clamp(max=LOGIT_SCALE_MAX).exp()
-    logits = scale * img @ txt.t()  # (N images, N texts)
+    logits = scale * img @ txt.t()  # (N images, M texts)
     if caption_ids is None:
         positives = torch.eye(n, dtype=torch.bool, device=logits.device)
     else:
         ids = caption_ids.to(logits.device)
-        positives = ids[:, None] == ids[None, :]
+        other = ids if text_ids is None else text_ids.to(logits.device)
+        positives = ids[:, None] == other[None, :]
     neg_inf = torch.finfo(logits.dtype).min
 
-    def one_side(lg: torch.Tensor) -> torch.Tensor:
-        pos = torch.logsumexp(lg.masked_fill(~positives, neg_inf), dim=1)
+    def one_side(lg: torch.Tensor, pos_mask: torch.Tensor) -> torch.Tensor:
+        rows = pos_mask.any(dim=1)
+        if not bool(rows.any()):
+            return lg.sum() * 0.0
+        lg, pos_mask = lg[rows], pos_mask[rows]
+        pos = torch.logsumexp(lg.masked_fill(~pos_mask, neg_inf), dim=1)
         return (torch.logsumexp(lg, dim=1) - pos).mean()
 
-    return 0.5 * (one_side(logits) + one_side(logits.t()))
+    return 0.5 * (one_side(logits, positives) + one_side(logits.t(), positives.t()))
 
 
 @torch.no_grad()

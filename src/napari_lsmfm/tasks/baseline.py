@@ -2,7 +2,7 @@
 
 What a microscopist gets today from a few brush strokes without a foundation model:
 per-voxel features from Gaussian, gradient, difference-of-Gaussians and Hessian
-filters at a few scales (scipy, anisotropy-aware), and a scikit-learn random forest
+filters at a few scales (anisotropy-aware, :mod:`.filters`), and a scikit-learn random forest
 trained on the annotated voxels. Same brush convention and output as
 :class:`~napari_lsmfm.tasks.segment.Segmenter` (background 0, class values kept), so
 benchmarks compare like with like. Needs scikit-learn (the ``baseline`` extra).
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from .filters import filter_bank_numpy
 from .segment import SegmentationResult, SparseLabels, _entropy, check_image
 
 __all__ = ["PixelClassifier", "filter_features"]
@@ -31,33 +31,12 @@ def filter_features(
 
     The 1-99 percentile-normalised intensity, then per sigma (voxels along the finest
     axis; scaled per axis by ``voxel_size``): Gaussian, gradient magnitude, difference of
-    Gaussians (sigma, 2 sigma), and the three Hessian eigenvalues (scale-normalised).
+    Gaussians and the three Hessian eigenvalues (:mod:`.filters`, as the quick mode).
     """
     img = np.asarray(image, np.float32)
     lo, hi = np.percentile(img, [1, 99])
     img = np.clip((img - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(img)
-    spacing = np.asarray(voxel_size if voxel_size is not None else (1, 1, 1), float)
-    rel = spacing / spacing.min()
-    feats = [img]
-    for sigma in sigmas:
-        s = sigma / rel
-        g = ndi.gaussian_filter(img, s)
-        grad2 = sum(
-            (ndi.gaussian_filter(img, s, order=[int(a == b) for b in range(3)]) / rel[a]) ** 2
-            for a in range(3)
-        )
-        feats += [g, np.sqrt(grad2) * sigma, g - ndi.gaussian_filter(img, 2 * s)]
-        hess = np.empty((*img.shape, 3, 3), np.float32)
-        for i in range(3):
-            for j in range(i, 3):
-                order = [0, 0, 0]
-                order[i] += 1
-                order[j] += 1
-                d = ndi.gaussian_filter(img, s, order=order) / (rel[i] * rel[j])
-                hess[..., i, j] = hess[..., j, i] = d * sigma * sigma
-        ev = np.linalg.eigvalsh(hess)
-        feats += [ev[..., k] for k in range(3)]
-    return np.stack(feats).astype(np.float32)
+    return filter_bank_numpy(img, sigmas, voxel_size)
 
 
 class PixelClassifier:

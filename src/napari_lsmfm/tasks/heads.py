@@ -82,7 +82,8 @@ class VoxelHead(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """Conv head: (B, C_in, z, y, x) -> (B, n_out, z, y, x) logits (3x3x3 then 1x1x1)."""
+    """Conv head: (B, C_in, z, y, x) -> (B, n_out, z, y, x) logits; two 1x1x1 convs (the
+    backbone supplies the spatial context; a 3x3x3 conv here would cost more than it)."""
 
     def __init__(self, in_channels: int, n_out: int, hidden: int = 32) -> None:
         super().__init__()
@@ -90,7 +91,7 @@ class DenseHead(nn.Module):
         self.n_out = int(n_out)
         self.hidden = int(hidden)
         self.net = nn.Sequential(
-            nn.Conv3d(self.in_channels, self.hidden, 3, padding=1),
+            nn.Conv3d(self.in_channels, self.hidden, 1),
             nn.ReLU(),
             nn.Conv3d(self.hidden, self.n_out, 1),
         )

@@ -23,7 +23,7 @@ def split_instances(
     min_size: int = 20,
     min_distance: float | None = None,
     h: float | None = None,
-    smooth: float = 1.0,
+    smooth: float = 0.0,
 ) -> np.ndarray:
     """Split a (Z, Y, X) binary mask into instances; uint32 labels, 0 = background.
 
@@ -34,10 +34,11 @@ def split_instances(
         min_distance: seeds closer than this (micrometres) merge; default twice the
             smallest voxel size.
         h: a maximum of the distance map must rise this much (micrometres) above the
-            saddle to its neighbour to seed its own object; default 1.5 x the largest
-            voxel size. Larger values split less.
+            saddle to its neighbour to seed its own object; default half the smallest
+            voxel size (measured best on synthetic nuclei: per-object F1 at IoU 0.5 of
+            0.99 on true masks, 0.83 on predicted ones). Larger values split less.
         smooth: Gaussian sigma (voxels of the smallest size) applied to the distance map
-            before seeding; 0 turns it off.
+            before seeding, for ragged masks; 0 (default) turns it off.
 
     Returns:
         uint32 (Z, Y, X), objects numbered 1..N in raster order of their seeds.
@@ -54,7 +55,7 @@ def split_instances(
     spacing = np.asarray(voxel_size if voxel_size is not None else (1.0, 1.0, 1.0), float)
     if spacing.shape != (3,) or (spacing <= 0).any():
         raise ValueError(f"voxel_size must be three positive numbers, got {voxel_size}")
-    h = float(h) if h is not None else 1.5 * float(spacing.max())
+    h = float(h) if h is not None else 0.5 * float(spacing.min())
     min_distance = float(min_distance) if min_distance is not None else 2.0 * float(spacing.min())
 
     # work per connected component, in its bounding box: cheap on sparse masks

@@ -55,6 +55,7 @@ from napari_lsmfm.inference.tiled import (
 )
 from napari_lsmfm.workers.job import Cancelled
 
+from .filters import filter_bank, n_channels
 from .heads import (
     DenseHead,
     VoxelHead,
@@ -102,10 +103,6 @@ def check_image(image: Any) -> tuple[int, int, int]:
     if dtype.kind not in "uif":
         raise ValueError(f"the image must hold numbers, not {dtype}")
     return shape  # type: ignore[return-value]
-
-
-def _is_lazy(array: Any) -> bool:
-    return not isinstance(array, np.ndarray)
 
 
 @dataclass(frozen=True)
@@ -325,8 +322,9 @@ class SegmentConfig:
     eval_every: steps between best-model checks.
     device: None = where the foundation is; else auto / cpu / cuda:N / mps (full mode).
     seed: random seed of sampling and initialisation.
-    cache_bytes: largest whole-volume feature cache (float16) kept in memory; larger
-        volumes compute features at the strokes for training and per block for prediction.
+    cache_bytes: memory for whole-volume feature caches (float16; the most recently used
+        volumes are kept); a volume whose features exceed it is not cached: its features
+        are computed at the strokes for training and per block for prediction.
     block_bytes: memory for one block of tiled prediction.
     warm_start: a new quick fit with the same classes continues from the current head.
     augment: full-mode augmentations on/off.
@@ -343,7 +341,7 @@ class SegmentConfig:
     feature_levels: tuple[int, ...] = (0,)
     sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
     voxel_size: tuple[float, float, float] | None = None
-    hidden: int = 64
+    hidden: int = 32
     dropout: float = 0.0
     weight_decay: float = 1e-2
     class_weights: Any = None
@@ -455,97 +453,6 @@ class SegmentationResult:
 # ----------------------------------------------------------------------- features
 
 
-def _gaussian_kernel(sigma: float, order: int = 0) -> torch.Tensor:
-    """1D Gaussian (order 0) or its first / second derivative, sampled at whole voxels."""
-    sigma = max(float(sigma), 1e-3)
-    radius = max(1, int(math.ceil(4.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = g / g.sum()
-    if order == 1:
-        g = -x / sigma**2 * g
-    elif order == 2:
-        g = (x * x / sigma**4 - 1.0 / sigma**2) * g
-    return g.float()
-
-
-def _filter(x: torch.Tensor, sigmas: Sequence[float], orders: Sequence[int] = (0, 0, 0)
-            ) -> torch.Tensor:
-    """Separable Gaussian (derivative) filter of (B, 1, z, y, x) with replicated borders.
-
-    ``sigmas`` and derivative ``orders`` per axis, in voxels; a sigma below 0.3 voxels
-    with order 0 leaves that axis alone (as scipy's gaussian_filter would, nearly).
-    """
-    for axis, (sigma, order) in enumerate(zip(sigmas, orders, strict=True)):
-        if sigma < 0.3 and order == 0:
-            continue
-        k = _gaussian_kernel(max(sigma, 0.3), order).to(x.device, x.dtype)
-        r = (len(k) - 1) // 2
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = len(k)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        # cross-correlation with a flipped kernel = convolution (matters for odd orders)
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.flip(0).reshape(shape))
-    return x
-
-
-def _classical(x: torch.Tensor, sigmas: Sequence[float], spacing: Sequence[float]) -> torch.Tensor:
-    """ilastik-like filters of normalised (B, 1, z, y, x): 1 + 6 x len(sigmas) channels.
-
-    The intensity, then per sigma: Gaussian, gradient magnitude, difference of Gaussians
-    (sigma vs 2 sigma), and the three Hessian eigenvalues (scale-normalised; they tell
-    blobs from tubes and sheets). Sigmas are in voxels of the finest axis; ``spacing``
-    (z, y, x) scales them and the derivatives per axis, so anisotropic voxels are
-    measured in the same physical units. The same bank as the random-forest baseline.
-    """
-    rel = [s / min(spacing) for s in spacing]  # voxel size in units of the finest axis
-    out = [x]
-    for sigma in sigmas:
-        s = [sigma / r for r in rel]
-        g = _filter(x, s)
-        out.append(g)
-        grads = []
-        for a in range(3):
-            orders = [0, 0, 0]
-            orders[a] = 1
-            grads.append(_filter(x, s, orders) / rel[a])
-        out.append(torch.sqrt(grads[0] ** 2 + grads[1] ** 2 + grads[2] ** 2) * sigma)
-        out.append(g - _filter(x, [2 * v for v in s]))
-        hess = {}
-        for i in range(3):
-            for j in range(i, 3):
-                orders = [0, 0, 0]
-                orders[i] += 1
-                orders[j] += 1
-                hess[i, j] = _filter(x, s, orders) * (sigma * sigma / (rel[i] * rel[j]))
-        lo, hi = _sym3_eig_extremes(hess)
-        mid = hess[0, 0] + hess[1, 1] + hess[2, 2] - lo - hi
-        out += [lo, mid, hi]
-    return torch.cat(out, 1)
-
-
-def _sym3_eig_extremes(h: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest eigenvalue of symmetric 3x3 fields (closed form, elementwise;
-    about ten times faster than ``torch.linalg.eigvalsh`` on a volume)."""
-    a11, a22, a33 = h[0, 0], h[1, 1], h[2, 2]
-    a12, a13, a23 = h[0, 1], h[0, 2], h[1, 2]
-    q = (a11 + a22 + a33) / 3.0
-    p1 = a12 * a12 + a13 * a13 + a23 * a23
-    b11, b22, b33 = a11 - q, a22 - q, a33 - q
-    p = torch.sqrt((b11 * b11 + b22 * b22 + b33 * b33 + 2.0 * p1) / 6.0).clamp_min(1e-12)
-    det = (
-        b11 * (b22 * b33 - a23 * a23)
-        - a12 * (a12 * b33 - a23 * a13)
-        + a13 * (a12 * a23 - b22 * a13)
-    )
-    r = (det / (2.0 * p**3)).clamp(-1.0, 1.0)
-    phi = torch.acos(r) / 3.0
-    largest = q + 2.0 * p * torch.cos(phi)
-    smallest = q + 2.0 * p * torch.cos(phi + 2.0 * math.pi / 3.0)
-    return smallest, largest
-
-
 class QuickFeatures:
     """Per-window quick-mode features: foundation levels + intensity + classical filters."""
 
@@ -560,7 +467,7 @@ class QuickFeatures:
             raise ValueError(
                 f"feature_levels {bad} do not exist; this foundation has 0..{len(chans) - 1}"
             )
-        self.channels = sum(chans[lv] for lv in self.levels) + 1 + 6 * len(self.sigmas)
+        self.channels = sum(chans[lv] for lv in self.levels) + n_channels(self.sigmas)
 
     def settings(self) -> dict:
         return {"levels": list(self.levels), "sigmas": list(self.sigmas),
@@ -591,7 +498,7 @@ class QuickFeatures:
                             f = F.interpolate(f, size=x.shape[2:], mode="trilinear",
                                               align_corners=False)
                         parts.append(f)
-                parts.append(_classical(x, self.sigmas, self.spacing))
+                parts.append(filter_bank(x, self.sigmas, self.spacing))
                 return torch.cat(parts, 1)
 
         return fn
@@ -848,8 +755,9 @@ class Segmenter:
             raise ValueError("features are cached in quick mode only")
         key = _image_key(image)
         fkey = self._feature_key(key)
-        entry = self._cache.get(fkey)
+        entry = self._cache.pop(fkey, None)
         if entry is not None:
+            self._cache[fkey] = entry  # most recently used last
             return entry["features"]
         nbytes = 2 * self._features.channels * math.prod(image.shape)
         if nbytes > self.config.cache_bytes:
@@ -859,7 +767,10 @@ class Segmenter:
             self._feature_fn(irange), image, self._features.channels,
             blend=self.config.feature_blend, dtype=np.float16, ctx=ctx, message="features",
         )
-        self._cache.clear()  # one volume at a time: bounded memory
+        # keep the most recent volumes within cache_bytes (least recently used go first)
+        while self._cache and nbytes + sum(e["features"].nbytes for e in self._cache.values()
+                                           ) > self.config.cache_bytes:
+            self._cache.pop(next(iter(self._cache)))
         self._cache[fkey] = {"features": feats}
         return feats
 
@@ -1218,9 +1129,12 @@ class Segmenter:
 
         cached = self.features(image, _span(ctx, 0.0, 0.9))
         if cached is not None:
-            zs = range(region[0].start, region[0].stop, 8)
+            plane = cached.shape[0] * len(range(*region[1].indices(cached.shape[2]))) * len(
+                range(*region[2].indices(cached.shape[3]))) * 4
+            depth = max(1, (256 * 2**20) // plane)  # about 256 MB of float32 per slab
+            zs = range(region[0].start, region[0].stop, depth)
             for i, z0 in enumerate(zs):
-                z1 = min(z0 + 8, region[0].stop)
+                z1 = min(z0 + depth, region[0].stop)
                 feats = cached[:, z0:z1, region[1], region[2]]
                 sl = (slice(z0 - region[0].start, z1 - region[0].start), slice(None), slice(None))
                 write(sl, apply_head(feats))
@@ -1388,10 +1302,16 @@ def _roi_box(roi: Any, shape: Sequence[int]) -> list[tuple[int, int]]:
         raise ValueError(f"roi must be three slices (z, y, x), got {roi!r}")
     box = []
     for r, n in zip(roi, shape, strict=True):
-        start, stop, step = (r if isinstance(r, slice) else slice(*r)).indices(int(n))
-        if step != 1 or stop <= start:
+        r = r if isinstance(r, slice) else slice(*r)
+        start = 0 if r.start is None else int(r.start)
+        stop = int(n) if r.stop is None else int(r.stop)
+        if not 0 <= start < stop <= n:
             raise ValueError(
-                f"roi {roi!r} is empty or strided for an image of shape {tuple(shape)}"
+                f"roi {roi!r} is empty or outside the image of shape {tuple(shape)}"
+            )
+        if r.step not in (None, 1):
+            raise ValueError(
+                f"roi {roi!r}: slices must have step 1"
             )
         box.append((start, stop))
     return box

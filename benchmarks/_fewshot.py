@@ -1,0 +1,127 @@
+"""Shared pieces of the few-shot benchmarks: held-out volumes, simulated brush strokes,
+metrics (foreground Dice, per-object F1 at IoU 0.5) and one timed run of a method."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_lsmfm.synth import make_volume
+
+HELD_OUT_SEED = 9001  # never used by the pretraining corpus (which draws seeds < 2**31 from its own rng)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+def held_out(kind: str, shape=(48, 128, 128), seed: int = HELD_OUT_SEED):
+    """A synthetic volume with a seed no training run used."""
+    return make_volume(kind, shape=shape, seed=seed)
+
+
+def brush(truth: np.ndarray, n_slices: int, seed: int = 0) -> np.ndarray:
+    """Simulated strokes on ``n_slices`` evenly spaced z planes.
+
+    On each plane: the structure eroded by one pixel (strokes stay inside objects) as
+    class 2, and 10 % of the background farther than 2 pixels from any structure as
+    class 1 (scribbles do not hug the borders). 0 elsewhere (not annotated).
+    """
+    rng = np.random.default_rng(seed)
+    brushes = np.zeros(truth.shape, np.uint8)
+    planes = np.linspace(0, truth.shape[0] - 1, n_slices + 2)[1:-1].round().astype(int)
+    for z in planes:
+        fg = truth[z] > 0
+        inner = ndi.binary_erosion(fg, iterations=1)
+        far = ~ndi.binary_dilation(fg, iterations=2)
+        brushes[z][far & (rng.random(fg.shape) < 0.10)] = 1
+        brushes[z][inner] = 2
+    return brushes
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    denom = pred.sum() + truth.sum()
+    return float(2 * np.logical_and(pred, truth).sum() / denom) if denom else 1.0
+
+
+def object_f1(pred_labels: np.ndarray, true_labels: np.ndarray, iou: float = 0.5) -> float:
+    """F1 of one-to-one object matches with IoU > ``iou`` (instance label images)."""
+    p_ids = np.unique(pred_labels)
+    t_ids = np.unique(true_labels)
+    p_ids, t_ids = p_ids[p_ids > 0], t_ids[t_ids > 0]
+    if len(p_ids) == 0 and len(t_ids) == 0:
+        return 1.0
+    if len(p_ids) == 0 or len(t_ids) == 0:
+        return 0.0
+    both = (pred_labels > 0) & (true_labels > 0)
+    pairs, inter = np.unique(
+        np.stack([pred_labels[both], true_labels[both]]), axis=1, return_counts=True
+    )
+    p_size = dict(zip(*np.unique(pred_labels, return_counts=True), strict=True))
+    t_size = dict(zip(*np.unique(true_labels, return_counts=True), strict=True))
+    matched_p, matched_t = set(), set()
+    scores = []
+    for (p, t), n in zip(pairs.T, inter, strict=True):
+        scores.append((n / (p_size[p] + t_size[t] - n), p, t))
+    for score, p, t in sorted(scores, reverse=True):
+        if score <= iou:
+            break
+        if p not in matched_p and t not in matched_t:
+            matched_p.add(p)
+            matched_t.add(t)
+    tp = len(matched_p)
+    return 2 * tp / (len(p_ids) + len(t_ids))
+
+
+def as_instances(mask: np.ndarray, label_kind: str, voxel_size) -> np.ndarray:
+    """Objects of a predicted mask: split touching blobs for instance kinds, connected
+    components for semantic (tubular) kinds."""
+    from napari_lsmfm.tasks import split_instances
+
+    if label_kind == "instance":
+        return split_instances(mask, voxel_size=voxel_size)
+    return ndi.label(mask)[0]
+
+
+@dataclass
+class Score:
+    dice: float
+    f1: float
+    train_s: float
+    predict_s: float
+
+
+def evaluate(method, vol, n_slices: int) -> Score:
+    """Train ``method`` (an object with fit(image, brushes) and predict(image) -> result
+    with .classes) on simulated strokes, score it on the whole volume."""
+    brushes = brush(vol.labels, n_slices)
+    t0 = time.perf_counter()
+    method.fit(vol.image, brushes)
+    t1 = time.perf_counter()
+    result = method.predict(vol.image)
+    t2 = time.perf_counter()
+    mask = np.asarray(result.classes) == 2
+    truth_objects = vol.labels if vol.label_kind == "instance" else ndi.label(vol.labels > 0)[0]
+    f1 = object_f1(as_instances(mask, vol.label_kind, vol.voxel_size), truth_objects)
+    return Score(dice(mask, vol.labels > 0), f1, t1 - t0, t2 - t1)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)

@@ -1,0 +1,231 @@
+"""``lsmfm segment``: few-shot segmentation from the command line.
+
+    lsmfm segment IMAGE --labels BRUSHES.tif --out OUT.tif           # train + segment
+    lsmfm segment IMAGE --model MODEL --out OUT.zarr                   # apply a saved model
+
+Same core as the widget (:class:`~napari_lsmfm.tasks.segment.Segmenter`). Every output
+is checked before any work starts (an existing one is refused unless ``--overwrite``).
+A ``.zarr`` output is filled block by block, so a volume larger than memory works; a
+``.tif`` output is assembled in memory. Prints one JSON object describing the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Images up to this size are read into memory once (faster than window-by-window reads).
+IN_MEMORY_BYTES = 2 * 2**30
+VOLUME_SUFFIXES = (".tif", ".tiff", ".zarr")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``segment`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "segment",
+        help="train on a few brushed slices and segment the whole volume (or apply a model)",
+        description=(
+            "Few-shot segmentation. Brushes: 0 = not annotated, 1 = background, 2, 3, ... = "
+            "classes; the output keeps the class values (background 0)."
+        ),
+    )
+    p.add_argument("image", help="the volume: a 3D TIFF / OME-TIFF or a Zarr / OME-Zarr folder")
+    p.add_argument("--labels", help="brush strokes of the image's shape (TIFF or Zarr)")
+    p.add_argument("--model", help="apply a model saved with --save-model instead of training")
+    p.add_argument(
+        "--weights", default=None,
+        help="foundation weights (a published lsm_fm .ckpt or a napari-lsmfm folder); "
+             "default: the embedded model",
+    )
+    p.add_argument("--mode", choices=("quick", "full"), default=None,
+                   help="quick (frozen features + small head, default) or full (finetune)")
+    p.add_argument("--out", required=True, help="class map: OUT.tif or OUT.zarr")
+    p.add_argument("--probabilities", help="per-class probabilities (C, Z, Y, X): .tif or .zarr")
+    p.add_argument("--prob-dtype", choices=("float32", "float16", "uint8"), default="float32",
+                   help="probability values: float, or uint8 where 255 = 1")
+    p.add_argument("--uncertainty", help="uncertainty map (0-1, where more strokes help most)")
+    p.add_argument("--instances", help="instance labels (one id per object) of blob-like classes")
+    p.add_argument("--instance-classes", default=None,
+                   help="comma-separated class values to split into objects (default: all)")
+    p.add_argument("--save-model", help="save the trained model to this folder")
+    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--tile", default=None, help="prediction window z,y,x in voxels")
+    p.add_argument("--voxel-size", default=None,
+                   help="z,y,x in micrometres (default: from the image's metadata)")
+    p.add_argument("--trust", action="store_true",
+                   help="allow a weights file that needs full unpickling (trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _triple(text: str | None, name: str, kind=float) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"--{name} must be three numbers z,y,x, got {text!r}") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"--{name} must be three positive numbers z,y,x, got {text!r}")
+    return values
+
+
+def _check_output(path: str | None, overwrite: bool, *, folder: bool = False) -> Path | None:
+    if path is None:
+        return None
+    target = Path(path).expanduser()
+    if not folder and not target.name.lower().endswith(VOLUME_SUFFIXES):
+        raise ValueError(f"{target.name}: outputs end in .tif, .tiff or .zarr (e.g. out.tif)")
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    if not target.parent.exists():
+        raise FileNotFoundError(2, "the output folder does not exist", str(target.parent))
+    return target
+
+
+class _Outputs:
+    """Targets of one run: zarr arrays filled in place, or numpy written at the end."""
+
+    def __init__(self, voxel_size, overwrite: bool) -> None:
+        self.voxel_size = voxel_size
+        self.overwrite = overwrite
+        self.pending: list[tuple[Path, Any, str]] = []
+        self.written: list[str] = []
+
+    def array(self, path: Path | None, shape, dtype, kind: str) -> Any:
+        if path is None:
+            return None
+        if path.name.lower().endswith(".zarr"):
+            import dask.array as da
+            import zarr
+
+            from napari_lsmfm.io import write_volume
+
+            chunks = (64, 256, 256)
+            empty = da.zeros(shape, dtype=dtype, chunks=(1,) * (len(shape) - 3) + chunks)
+            write_volume(path, empty, voxel_size=self.voxel_size, kind=kind,
+                         overwrite=self.overwrite, chunks=chunks)
+            self.written.append(str(path))
+            return zarr.open_array(str(path / "0"), mode="r+")
+        array = np.zeros(shape, dtype)
+        self.pending.append((path, array, kind))
+        return array
+
+    def finish(self) -> None:
+        from napari_lsmfm.io import write_volume
+
+        for path, array, kind in self.pending:
+            write_volume(path, array, voxel_size=self.voxel_size, kind=kind,
+                         overwrite=self.overwrite)
+            self.written.append(str(path))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lsmfm segment``; returns the exit status (errors raise ValueError / OSError)."""
+    from napari_lsmfm.inference import DeviceMemoryError
+
+    try:
+        return _run(args)
+    except DeviceMemoryError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from napari_lsmfm.io import open_volume
+    from napari_lsmfm.model import load_foundation
+    from napari_lsmfm.workers.job import JobContext, terminal_progress
+
+    from .segment import SegmentConfig, Segmenter, SparseLabels, check_image
+
+    if (args.labels is None) == (args.model is None):
+        raise ValueError("give either --labels (train on brush strokes) or --model (apply a "
+                         "saved model)")
+    if args.model is not None and (args.mode or args.steps):
+        raise ValueError("--mode and --steps belong to training; --model applies a saved model")
+    out_path = _check_output(args.out, args.overwrite)
+    prob_path = _check_output(args.probabilities, args.overwrite)
+    unc_path = _check_output(args.uncertainty, args.overwrite)
+    inst_path = _check_output(args.instances, args.overwrite)
+    model_path = _check_output(args.save_model, args.overwrite, folder=True)
+    given = [p for p in (out_path, prob_path, unc_path, inst_path, model_path) if p is not None]
+    if len({p.resolve() for p in given}) != len(given):
+        raise ValueError("two outputs name the same file; give each output its own name")
+    tile = _triple(args.tile, "tile", int)
+    voxel_arg = _triple(args.voxel_size, "voxel-size")
+    inst_classes = None
+    if args.instance_classes:
+        try:
+            inst_classes = [int(v) for v in args.instance_classes.split(",")]
+        except ValueError:
+            raise ValueError("--instance-classes takes class values like 2,3") from None
+
+    volume = open_volume(args.image)
+    image = volume.data
+    check_image(image)
+    voxel_size = voxel_arg or volume.voxel_size
+    nbytes = int(np.prod(image.shape)) * np.dtype(image.dtype).itemsize
+    if nbytes <= IN_MEMORY_BYTES:
+        image = np.asarray(image)
+
+    show = None if args.quiet else terminal_progress("segment ")
+    summary: dict[str, Any] = {"image": str(args.image), "shape": list(image.shape)}
+    if args.model is not None:
+        foundation = (
+            load_foundation(args.weights, device=args.device, trusted=args.trust)
+            if args.weights is not None else None
+        )
+        seg = Segmenter.load(args.model, foundation, device=args.device)
+        summary["model"] = str(args.model)
+    else:
+        brushes = open_volume(args.labels).data
+        sparse = SparseLabels.from_array(brushes, image.shape)
+        foundation = load_foundation(args.weights, device=args.device, trusted=args.trust)
+        overrides: dict[str, Any] = {"mode": args.mode or "quick", "voxel_size": voxel_size}
+        if args.steps is not None:
+            overrides["steps"] = args.steps
+        if tile is not None:
+            overrides["tile"] = tile
+        if args.mode == "full":
+            overrides["device"] = args.device
+        seg = Segmenter(foundation, SegmentConfig(**overrides))
+        if show is not None:
+            print(f"segment: {sparse.summary()}", file=sys.stderr)
+        fit = seg.fit(image, sparse, JobContext(show))
+        summary["fit"] = {k: fit[k] for k in ("steps_done", "best_loss", "seconds", "stopped")}
+        summary["classes"] = list(seg.classes)
+        if model_path is not None:
+            seg.save(model_path, overwrite=args.overwrite)
+            summary["saved_model"] = str(model_path)
+    if tile is not None:
+        seg.config.tile = tile
+
+    outputs = _Outputs(voxel_size, args.overwrite)
+    n_out = len(seg.channel_values)
+    cdtype = np.uint8 if max(seg.channel_values) <= 255 else np.uint16
+    targets = {
+        "classes": outputs.array(out_path, image.shape, cdtype, "labels"),
+        "probabilities": outputs.array(prob_path, (n_out, *image.shape),
+                                       np.dtype(args.prob_dtype), "image"),
+        "uncertainty": outputs.array(unc_path, image.shape, np.float32, "image"),
+        "instances": outputs.array(inst_path, image.shape, np.uint32, "labels"),
+    }
+    result = seg.predict(
+        image, JobContext(show),
+        out={k: v for k, v in targets.items() if v is not None},
+        probabilities=args.prob_dtype if prob_path is not None else False,
+        uncertainty=unc_path is not None,
+        instances=(inst_classes or True) if inst_path is not None else False,
+    )
+    outputs.finish()
+    summary["predict_seconds"] = result.stats.get("predict_seconds")
+    summary["outputs"] = outputs.written
+    print(json.dumps(summary))
+    return 0
