@@ -12,7 +12,8 @@ from scipy import ndimage as ndi
 
 from napari_lsmfm.synth import make_volume
 
-HELD_OUT_SEED = 9001  # never used by the pretraining corpus (which draws seeds < 2**31 from its own rng)
+# A seed no training run uses (the pretraining corpus derives its own from its seed).
+HELD_OUT_SEED = 9001
 
 
 def machine() -> str:

@@ -273,6 +273,7 @@ def test_save_load_round_trip(tmp_path, pair):
     model = tiny_model(perturb=0.2)
     model.fit_synthetic(steps=2)
     expected = model.predict(pair.image)
+    model.config.device = "cuda:0"  # trained on a GPU: the model must still load anywhere
     folder = model.save(tmp_path / "deblur_model")
     assert (folder / "config.json").is_file() and (folder / "backbone.safetensors").is_file()
     loaded = Deblurrer.load(folder, device="cpu")

@@ -221,6 +221,12 @@ def test_save_and_load_give_identical_predictions(nuclei, foundation, tmp_path):
         Segmenter.load(folder, small_foundation(seed=1))
     with pytest.raises(ValueError, match="cannot be found"):
         Segmenter.load(folder)  # trained on an in-memory foundation: name it
+    # a damaged copy says so
+    (folder / "head.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="damaged"):
+        Segmenter.load(folder, foundation)
+    with pytest.raises(ValueError, match="not a saved napari-lsmfm model"):
+        Segmenter.load(tmp_path)
 
 
 def test_full_mode_model_carries_its_backbone(foundation, tmp_path):
@@ -406,6 +412,9 @@ def test_sparse_labels_summary():
     assert list(np.unique(s.targets(s.classes))) == [0, 1]
     lazy = SparseLabels.from_array(da.from_array(b, chunks=(3, 20, 20)), b.shape)
     np.testing.assert_array_equal(lazy.coords, s.coords)
+    # a densely painted volume is thinned evenly per class; a rare class keeps all
+    assert s.subsample(10).counts == {1: 6, 3: 4}
+    assert s.subsample(100) is s
 
 
 def test_segment_convenience(foundation):

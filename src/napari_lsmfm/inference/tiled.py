@@ -18,10 +18,12 @@ whole input and the whole output in memory. Here the output is produced block by
 block (a block = a region of the output, sized by ``max_block_bytes``); for each
 block only the windows that touch it are read from the (numpy, dask or zarr) input,
 run, blended into a block buffer and written to ``out`` (numpy or zarr), so memory
-is bounded by the block, never by the volume. The window grid is global, so the
-result does not depend on the block size: a block-wise prediction equals the
-in-memory one. A window that straddles two Gaussian blocks is run once per block;
-blocks are as large as the budget allows, so this is rare. The same grid gives
+is bounded by the block, never by the volume. A floating-point numpy ``out`` is
+itself the accumulator (one block: every window runs once, whatever the channels).
+The window grid is global, so the result does not depend on the block size: a
+block-wise prediction equals the in-memory one. A window that straddles two Gaussian
+blocks is run once per block; blocks are as large as the budget allows, so this is
+rare. The same grid gives
 :func:`predict_points`, the output at scattered voxels (e.g. brushed ones) without
 computing the rest of the volume.
 """
@@ -249,7 +251,7 @@ class _Runner:
                 )
             outs.append(out)
             i += len(chunk)
-        return np.concatenate(outs, axis=0)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
 
 def _read(volume: Any, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
@@ -330,6 +332,7 @@ def predict_tiled(
     Args:
         fn: maps windows ``(B, 1, z, y, x)`` float32 (raw intensities, as read from
             ``volume``; normalise inside ``fn``) to ``(B, C, z, y, x)``, numpy or torch.
+            Return a new array each call: the engine scales it in place.
         volume: (Z, Y, X) numpy, dask or zarr array; read one block (plus the margin
             of its windows) at a time.
         out_channels: C, the channels ``fn`` returns.
@@ -375,10 +378,15 @@ def predict_tiled(
         out, np.ndarray
     ):
         chunks = tuple(int(c) for c in out.chunks[1:])
-    bytes_per_voxel = 4 * (channels if crop else channels + 1) + 4
-    block = _block_shape(lo, hi, grid, bytes_per_voxel, int(max_block_bytes), chunks)
-    axes = _crop_blocks(lo, hi, grid, block) if crop else _plain_blocks(lo, hi, block)
-    blocks = list(itertools.product(*axes))
+    # a float numpy output is its own accumulator: one block, every window run once
+    direct = sink is None and isinstance(out, np.ndarray) and out.dtype.kind == "f"
+    if direct:
+        blocks = [tuple(zip(lo, hi, strict=True))]
+    else:
+        bytes_per_voxel = 4 * (channels if crop else channels + 1) + 4
+        block = _block_shape(lo, hi, grid, bytes_per_voxel, int(max_block_bytes), chunks)
+        axes = _crop_blocks(lo, hi, grid, block) if crop else _plain_blocks(lo, hi, block)
+        blocks = list(itertools.product(*axes))
     plan = [(b, grid.touching([i[0] for i in b], [i[1] for i in b], crop)) for b in blocks]
     total = sum(len(w) for _, w in plan)
     weights = gaussian_weights(grid.tile, sigma_scale) if blend == "gaussian" else None
@@ -391,8 +399,12 @@ def predict_tiled(
         b_lo = [i[0] for i in box]
         b_hi = [i[1] for i in box]
         bshape = tuple(b - a for a, b in zip(b_lo, b_hi, strict=True))
-        values = np.zeros((channels, *bshape), np.float32)
-        wsum = None if crop else np.zeros(bshape, np.float32)
+        if direct:
+            values = out
+            values[...] = 0
+        else:
+            values = np.zeros((channels, *bshape), np.float32)
+        wsum = None if crop else _weight_sum(origins, grid, b_lo, b_hi, weights)
         # read the hull of this block's windows once (one dask compute per block)
         h_lo = [min(o[a] for o in origins) for a in range(3)]
         h_hi = [max(o[a] for o in origins) + grid.tile[a] for a in range(3)]
@@ -414,8 +426,8 @@ def predict_tiled(
             if ctx is not None:
                 frac = p0 + (p1 - p0) * done / max(total, 1)
                 ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
-        if wsum is not None:
-            values /= np.maximum(wsum, 1e-12)
+        if direct:
+            continue
         rel = tuple(slice(a - r, b - r) for a, b, r in zip(b_lo, b_hi, lo, strict=True))
         if sink is not None:
             sink(rel, values)
@@ -428,8 +440,8 @@ def _window_slices(origin, offset, tile) -> tuple[slice, ...]:
     return tuple(slice(origin[a] - offset[a], origin[a] - offset[a] + tile[a]) for a in range(3))
 
 
-def _accumulate(values, wsum, y, origin, grid, b_lo, b_hi, weights, crop) -> None:
-    # the part of the window (or of its core) inside the block
+def _overlap(origin, grid, b_lo, b_hi, crop):
+    """(window slices, block slices) of the part of a window (or its core) in a block."""
     if crop:
         core = grid.core_of(origin)
         g_lo = [max(core[a].start, b_lo[a]) for a in range(3)]
@@ -438,18 +450,36 @@ def _accumulate(values, wsum, y, origin, grid, b_lo, b_hi, weights, crop) -> Non
         g_lo = [max(origin[a], b_lo[a]) for a in range(3)]
         g_hi = [min(origin[a] + grid.tile[a], b_hi[a]) for a in range(3)]
     if any(b <= a for a, b in zip(g_lo, g_hi, strict=True)):
-        return
+        return None
     src = tuple(slice(g_lo[a] - origin[a], g_hi[a] - origin[a]) for a in range(3))
     dst = tuple(slice(g_lo[a] - b_lo[a], g_hi[a] - b_lo[a]) for a in range(3))
+    return src, dst
+
+
+def _weight_sum(origins, grid, b_lo, b_hi, weights) -> np.ndarray:
+    """The total blending weight of every voxel of a block (known before any window runs)."""
+    shape = tuple(h - lo for lo, h in zip(b_lo, b_hi, strict=True))
+    wsum = np.zeros(shape, np.float32)
+    for o in origins:
+        part = _overlap(o, grid, b_lo, b_hi, crop=False)
+        if part is not None:
+            wsum[part[1]] += 1.0 if weights is None else weights[part[0]]
+    return np.maximum(wsum, 1e-12, out=wsum)
+
+
+def _accumulate(values, wsum, y, origin, grid, b_lo, b_hi, weights, crop) -> None:
+    part = _overlap(origin, grid, b_lo, b_hi, crop)
+    if part is None:
+        return
+    src, dst = part
+    piece = y[(slice(None), *src)]
     if crop:
-        values[(slice(None), *dst)] = y[(slice(None), *src)]
-    elif weights is None:
-        values[(slice(None), *dst)] += y[(slice(None), *src)]
-        wsum[dst] += 1.0
-    else:
-        w = weights[src]
-        values[(slice(None), *dst)] += y[(slice(None), *src)] * w
-        wsum[dst] += w
+        values[(slice(None), *dst)] = piece
+        return
+    # add the window's normalised share: no division pass at the end, and in place
+    share = (1.0 if weights is None else weights[src]) / wsum[dst]
+    np.multiply(piece, share, out=piece)
+    values[(slice(None), *dst)] += piece
 
 
 def predict_points(

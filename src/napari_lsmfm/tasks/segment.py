@@ -262,6 +262,19 @@ class SparseLabels:
         present, inverse = np.unique(self.values, return_inverse=True)
         return np.array([lut.get(int(v), -1) for v in present], np.int64)[inverse]
 
+    def subsample(self, n: int, seed: int = 0) -> SparseLabels:
+        """At most ``n`` annotated voxels, drawn evenly from every value (a rare class
+        keeps all its voxels); the same strokes when there are fewer."""
+        if self.n_annotated <= n:
+            return self
+        rng = np.random.default_rng(seed)
+        values, counts = np.unique(self.values, return_counts=True)
+        quota = _fair_quota(counts, n)
+        keep = [rng.choice(np.flatnonzero(self.values == v), q, replace=False)
+                for v, q in zip(values, quota, strict=True)]
+        idx = np.sort(np.concatenate(keep))
+        return SparseLabels(self.coords[idx], self.values[idx], self.image_shape)
+
     def summary(self) -> str:
         axis, planes = self.slices_used
         counts = ", ".join(f"{v}: {n}" for v, n in self.counts.items())
@@ -269,6 +282,25 @@ class SparseLabels:
             f"{self.n_annotated} annotated voxels on {len(planes)} {axis}-slices "
             f"(value: voxels {counts})"
         )
+
+
+def _fair_quota(counts: np.ndarray, n: int) -> np.ndarray:
+    """Split ``n`` among groups of ``counts``: equal shares, the leftover of a small
+    group going to the larger ones (water filling)."""
+    quota = np.zeros(len(counts), np.int64)
+    left = int(n)
+    order = list(np.argsort(counts))
+    while order:
+        share = left // len(order)
+        i = order[0]
+        if counts[i] <= share:  # the smallest group fits whole
+            quota[i] = counts[i]
+            left -= int(counts[i])
+            order.pop(0)
+            continue
+        quota[order] = share
+        break
+    return quota
 
 
 def _slabs(array: Any, max_bytes: int = 64 * 2**20):
@@ -326,8 +358,10 @@ class SegmentConfig:
         volumes are kept); a volume whose features exceed it is not cached: its features
         are computed at the strokes for training and per block for prediction.
     block_bytes: memory for one block of tiled prediction.
-    warm_start: a new quick fit with the same classes continues from the current head.
+    warm_start: a new fit with the same classes continues from the current weights.
     augment: full-mode augmentations on/off.
+    max_samples: quick mode trains on at most this many annotated voxels (drawn evenly
+        from every class), so densely painted volumes stay fast and within memory.
     """
 
     mode: str = "quick"
@@ -355,6 +389,7 @@ class SegmentConfig:
     block_bytes: int = 2**30
     warm_start: bool = True
     augment: bool = True
+    max_samples: int = 500_000
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -731,6 +766,7 @@ class Segmenter:
         key = _image_key(image)
         irange = self._intensity_range(image, key)
         if self.config.mode == "quick":
+            sparse = sparse.subsample(self.config.max_samples, self.config.seed)
             out = self._fit_quick(image, sparse, key, irange, ctx)
         else:
             out = self._fit_full(image, sparse, irange, ctx)
@@ -762,15 +798,15 @@ class Segmenter:
         nbytes = 2 * self._features.channels * math.prod(image.shape)
         if nbytes > self.config.cache_bytes:
             return None
+        # keep the most recent volumes within cache_bytes (least recently used go first)
+        while self._cache and nbytes + sum(e["features"].nbytes for e in self._cache.values()
+                                           ) > self.config.cache_bytes:
+            self._cache.pop(next(iter(self._cache)))
         irange = self._intensity_range(image, key)
         feats = self._run_tiled(
             self._feature_fn(irange), image, self._features.channels,
             blend=self.config.feature_blend, dtype=np.float16, ctx=ctx, message="features",
         )
-        # keep the most recent volumes within cache_bytes (least recently used go first)
-        while self._cache and nbytes + sum(e["features"].nbytes for e in self._cache.values()
-                                           ) > self.config.cache_bytes:
-            self._cache.pop(next(iter(self._cache)))
         self._cache[fkey] = {"features": feats}
         return feats
 
@@ -934,11 +970,12 @@ class Segmenter:
         )
         steps = cfg.n_steps
         freeze = cfg.freeze_steps if cfg.freeze_steps is not None else steps // 3
+        for p in rest:  # a warm start copies a committed (frozen) model
+            p.requires_grad_(True)
         for p in enc:
             p.requires_grad_(freeze <= 0)
         fp16 = getattr(net.foundation, "_amp_dtype", None) == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=bool(fp16 and device.type == "cuda"))
-        ema = [None]
         eval_batch = sampler.sample(min(4, max(2, cfg.batch)))
 
         def step_fn() -> float:
@@ -952,7 +989,7 @@ class Segmenter:
             x, y = x.to(device), y.to(device)
             try:
                 logits = net(x)
-                loss = self._masked_loss(logits, y, weights, dice)
+                loss = self._masked_loss(logits, y, weights, dice, cfg.dice_weight)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -969,14 +1006,15 @@ class Segmenter:
                 raise
             value = loss.item()
             self_history.append(value)
-            ema[0] = value if ema[0] is None else 0.9 * ema[0] + 0.1 * value
             return value
 
         def evaluate() -> float:
             net.eval()
             with torch.no_grad():
                 x, y = eval_batch
-                value = float(self._masked_loss(net(x.to(device)), y.to(device), weights, dice))
+                logits = net(x.to(device))
+                value = float(self._masked_loss(logits, y.to(device), weights, dice,
+                                                cfg.dice_weight))
             return value
 
         self_history: list[float] = []
@@ -986,12 +1024,15 @@ class Segmenter:
         )
 
     @staticmethod
-    def _masked_loss(logits, y, weights, dice) -> torch.Tensor:
+    def _masked_loss(logits, y, weights, dice, dice_weight: float) -> torch.Tensor:
+        """Cross-entropy and soft Dice over annotated voxels only (label -1 = none)."""
         mask = (y >= 0).float()
-        ce = F.cross_entropy(logits, y[:, 0], weight=weights, ignore_index=-1)
         if mask.sum() == 0:
             return logits.sum() * 0.0
-        return ce + dice(logits, y.clamp_min(0), mask=mask)
+        ce = F.cross_entropy(logits, y[:, 0], weight=weights, ignore_index=-1)
+        if dice_weight <= 0:
+            return ce
+        return ce + dice_weight * dice(logits, y.clamp_min(0), mask=mask)
 
     def _commit_full(self, net: _FullNet, classes) -> None:
         for p in net.parameters():
@@ -1246,12 +1287,22 @@ class Segmenter:
         config, parts = load_task_model(folder, task="segment")
         record = config.get("foundation") or {}
         cfg = SegmentConfig.from_dict(config.get("config") or {})
-        if device is not None:
-            cfg.device = device
+        cfg.device = device  # where it was trained (say a GPU) need not exist here
         mode = cfg.mode
         if foundation is None:
             foundation = _foundation_for(record, mode, device)
         check_foundation(record, foundation, exact=(mode == "quick"))
+        try:
+            return cls._build(config, parts, cfg, foundation, folder)
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(
+                f"{folder}: the saved model is damaged or from an incompatible version "
+                f"({type(err).__name__}: {err})"
+            ) from None
+
+    @classmethod
+    def _build(cls, config, parts, cfg, foundation, folder) -> Segmenter:
+        mode = cfg.mode
         seg = cls(foundation, cfg)
         seg.classes = tuple(int(c) for c in config["classes"])
         seg.best_loss = config.get("best_loss")
