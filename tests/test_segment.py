@@ -35,9 +35,9 @@ VOXEL = (2.0, 1.0, 1.0)
 SLICES = (10, 24, 38)
 
 # Foreground Dice on an unseen volume (seed 2) after training on three slices of seed 1,
-# measured with this small random-init foundation on 2 CPU cores: nuclei 0.826-0.831,
-# vessels 0.60-0.62 (the random-forest baseline: 0.84 / 0.66-0.69). Thresholds keep a
-# margin for platform differences.
+# measured with this small random-init foundation on 2 CPU cores: nuclei 0.825-0.831,
+# vessels 0.605-0.625 (the random-forest baseline, tasks/baseline.py: 0.837 / 0.655).
+# Thresholds keep a margin for platform and seed differences.
 NUCLEI_DICE = 0.77
 VESSELS_DICE = 0.53
 
@@ -124,8 +124,8 @@ def test_several_classes_keep_their_values(foundation):
     result = seg.predict(image, probabilities="uint8")
     assert set(np.unique(result.classes)) <= {0, 2, 3}
     assert result.probabilities.dtype == np.uint8 and result.probabilities.shape[0] == 3
-    assert dice(result.classes == 2, truth == 2) > 0.6  # measured 0.76
-    assert dice(result.classes == 3, truth == 3) > 0.35  # measured 0.50
+    assert dice(result.classes == 2, truth == 2) > 0.65  # measured 0.81
+    assert dice(result.classes == 3, truth == 3) > 0.4  # measured 0.52
 
 
 def test_uncertainty_points_to_where_strokes_help(nuclei):
@@ -135,7 +135,7 @@ def test_uncertainty_points_to_where_strokes_help(nuclei):
     assert 0.0 <= u.min() and u.max() <= 1.0
     wrong = (result.classes > 0) != (test.labels > 0)
     # the errors are where the model is unsure: that is where a stroke helps
-    assert u[wrong].mean() > 3 * u[~wrong].mean()  # measured ratio: see the report
+    assert u[wrong].mean() > 4 * u[~wrong].mean()  # measured ratio 8.9
     suggested = result.suggest_slices(axis=0, n=3)
     per_slice = u.mean(axis=(1, 2))
     assert len(suggested) == 3 and per_slice[suggested[0]] == per_slice.max()
@@ -146,11 +146,11 @@ def test_full_mode_finetunes_with_a_frozen_then_open_encoder(foundation):
     test = make_volume("nuclei", (32, 64, 64), VOXEL, seed=2)
     b = brush(train.labels, slices=(8, 16, 24))
     before = {k: v.clone() for k, v in foundation.backbone.state_dict().items()}
-    seg = Segmenter(foundation, mode="full", steps=24, freeze_steps=12, patch_size=(16, 32, 32),
+    seg = Segmenter(foundation, mode="full", steps=40, freeze_steps=20, patch_size=(16, 32, 32),
                     lr=1e-3, voxel_size=VOXEL, eval_every=4)
     fit = seg.fit(train.image, b)
     hist = fit["history"]
-    assert np.mean(hist[-6:]) < np.mean(hist[:6])
+    assert np.mean(hist[-8:]) < np.mean(hist[:8])
     # the shared foundation is untouched; the model's copy changed
     for k, v in foundation.backbone.state_dict().items():
         assert torch.equal(v, before[k])
@@ -158,7 +158,7 @@ def test_full_mode_finetunes_with_a_frozen_then_open_encoder(foundation):
     assert any(not torch.equal(tuned[k], before[k]) for k in before if k.endswith("weight"))
     result = seg.predict(test.image)
     assert set(np.unique(result.classes)) <= {0, 2}
-    assert dice(result.classes, test.labels) > 0.4  # measured 0.62 after 24 steps
+    assert dice(result.classes, test.labels) > 0.45  # measured 0.54-0.67 (seeds 0-2), 40 steps
 
 
 def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
@@ -193,7 +193,7 @@ def test_stop_keeps_the_best_model_so_far(foundation):
     assert fit["stopped"] and fit["steps_done"] == 45
     assert seg.trained and fit["best_loss"] <= min(fit["history"][:40:10] + [np.inf])
     result = seg.predict(vol.image)
-    assert dice(result.classes, vol.labels) > 0.5
+    assert dice(result.classes, vol.labels) > 0.7  # measured 0.84 after 45 steps
 
     # cancelled before any training step: the previous model stays, Cancelled propagates
     previous = seg.head
@@ -332,9 +332,9 @@ def test_predict_instances_finds_the_nuclei(nuclei):
     assert result.instances.dtype == np.uint32
     assert ((result.instances > 0) == (result.classes > 0)).mean() > 0.99
     n_true = len(np.unique(test.labels)) - 1
-    assert abs(int(result.instances.max()) - n_true) <= 0.2 * n_true  # measured 113 of 126
-    assert object_f1(result.instances, test.labels) > 0.7  # measured 0.83
-    # on the true mask the splitting alone is nearly perfect
+    assert abs(int(result.instances.max()) - n_true) <= 0.2 * n_true  # measured 115 of 126
+    assert object_f1(result.instances, test.labels) > 0.7  # measured 0.84
+    # on the true mask the splitting alone is nearly perfect (measured 0.99)
     assert object_f1(split_instances(test.labels > 0, voxel_size=VOXEL), test.labels) > 0.95
 
 
@@ -421,7 +421,7 @@ def test_segment_convenience(foundation):
     vol = make_volume("nuclei", (24, 64, 64), VOXEL, seed=3)
     result = segment(vol.image, brush(vol.labels, slices=(6, 12, 18)), foundation=foundation,
                      steps=100, voxel_size=VOXEL)
-    assert dice(result.classes, vol.labels) > 0.6
+    assert dice(result.classes, vol.labels) > 0.75  # measured 0.85
     assert result.stats["segmenter"].trained
 
 
@@ -462,7 +462,7 @@ def test_cli_trains_saves_and_applies(cli_files, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["classes"] == [2] and summary["fit"]["steps_done"] == 150
     classes = np.asarray(open_volume(root / "classes.tif").data)
-    assert dice(classes, vol.labels) > 0.6
+    assert dice(classes, vol.labels) > 0.75  # measured 0.85
     probs = open_volume(root / "probs.zarr")
     assert probs.shape == (2, 24, 64, 64) and probs.dtype == np.uint8
     assert open_volume(root / "classes.tif").voxel_size == pytest.approx(VOXEL)
