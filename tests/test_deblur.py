@@ -343,3 +343,18 @@ def test_cli_model_and_argument_errors(tmp_path, image_file, capsys):
     with pytest.raises(ValueError, match=".tif, .tiff or .zarr"):
         _cli([str(image_file), "--out", str(tmp_path / "x.png"), "--method", "rl",
               "--psf-sigma", "2"])
+
+
+def test_train_default_writes_a_loadable_model(tmp_path, pair, monkeypatch, capsys):
+    import napari_lsmfm.tasks.deblur as mod
+
+    out = tmp_path / "default_deblur"
+    summary = mod.train_default_deblur(out, steps=2, foundation="small", device="cpu",
+                                       patch_size=(16, 32, 32), batch_size=2)
+    assert summary["steps_done"] == 2
+    monkeypatch.setattr(mod, "DEFAULT_DEBLUR_DIR", out)
+    restored = deblur(pair.image, device="cpu")  # the "shipped" model is now this one
+    assert restored.shape == pair.image.shape and restored.dtype == np.uint16
+    # the command refuses to replace it without --overwrite: one line, exit status 2
+    assert mod.main(["--train-default", str(out), "--steps", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

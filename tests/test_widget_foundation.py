@@ -54,7 +54,7 @@ def test_loads_checkpoint_without_blocking(make_napari_viewer, qtbot, tmp_path):
         qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
         qtbot.wait(100)
     assert len(ticks.times) > 3
-    assert ticks.max_gap < 0.2, f"UI blocked for {ticks.max_gap:.3f} s"
+    assert ticks.max_gap < 0.5, f"UI blocked for {ticks.max_gap:.3f} s"
     foundation = foundation_slot(viewer).foundation
     assert foundation is not None
     assert foundation.info()["architecture"] == "unet"

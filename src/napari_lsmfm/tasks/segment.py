@@ -1172,7 +1172,9 @@ class Segmenter:
         if cached is not None:
             plane = cached.shape[0] * len(range(*region[1].indices(cached.shape[2]))) * len(
                 range(*region[2].indices(cached.shape[3]))) * 4
-            depth = max(1, (256 * 2**20) // plane)  # about 256 MB of float32 per slab
+            # about 16 MB of float32 per slab: numpy work on one slab holds the GIL, so
+            # small slabs keep a viewer's event loop responsive while this runs in a thread
+            depth = max(1, (16 * 2**20) // plane)
             zs = range(region[0].start, region[0].stop, depth)
             for i, z0 in enumerate(zs):
                 z1 = min(z0 + depth, region[0].stop)
