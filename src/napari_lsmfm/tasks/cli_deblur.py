@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-# Images up to this size are read into memory once (faster than window-by-window reads).
-IN_MEMORY_BYTES = 2 * 2**30
-VOLUME_SUFFIXES = (".tif", ".tiff", ".zarr")
+# Output checks and the in-memory limit are the segment command's: one behaviour for both.
+from .cli_segment import IN_MEMORY_BYTES, _check_output
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -69,17 +68,6 @@ def _numbers(text: str, name: str, kind=float, allow_one: bool = False) -> tuple
     if len(values) != 3 or min(values) <= 0:
         raise ValueError(f"--{name} must be three positive numbers z,y,x, got {text!r}")
     return values
-
-
-def _check_output(path: str, overwrite: bool) -> Path:
-    target = Path(path).expanduser()
-    if not target.name.lower().endswith(VOLUME_SUFFIXES):
-        raise ValueError(f"{target.name}: outputs end in .tif, .tiff or .zarr (e.g. out.tif)")
-    if (target.exists() or target.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    if not target.parent.exists():
-        raise FileNotFoundError(2, "the output folder does not exist", str(target.parent))
-    return target
 
 
 def run(args: argparse.Namespace) -> int:

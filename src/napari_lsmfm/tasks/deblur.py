@@ -53,6 +53,7 @@ from napari_lsmfm.workers.job import Cancelled
 
 from .heads import DenseHead, check_foundation, foundation_record, load_task_model, save_task_model
 from .rl import check_psf, gaussian_psf, psf_sigma_voxels, read_psf, richardson_lucy
+from .segment import _triple
 
 __all__ = [
     "DEBLUR_SPEC",
@@ -255,15 +256,6 @@ class DeblurConfig:
     def from_dict(cls, data: dict) -> DeblurConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def _triple(value: Any, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int | np.integer):
-        value = (int(value),) * 3
-    value = tuple(int(v) for v in value)
-    if len(value) != 3 or min(value) < 1:
-        raise ValueError(f"{name} must be three positive sizes (z, y, x), got {value}")
-    return value  # type: ignore[return-value]
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
