@@ -231,10 +231,10 @@ def test_ssim_matches_monai():
 
 
 def test_fit_synthetic_lowers_the_loss():
-    model = tiny_model(lr=5e-3)
+    model = tiny_model(lr=1e-3)
     updates = []
-    result = model.fit_synthetic(JobContext(updates.append), steps=8)
-    assert result["steps_done"] == 8 and not result["stopped"]
+    result = model.fit_synthetic(JobContext(updates.append), steps=16)
+    assert result["steps_done"] == 16 and not result["stopped"]
     assert result["best_loss"] < result["start_loss"]
     assert updates[-1].fraction == 1.0 and "loss" in updates[-1].values
     assert model.trained

@@ -268,3 +268,16 @@ def test_info_describes_the_model(swin, unet, unet_text):
     assert info["text_tower_kind"] == "lsmfm" and info["proj_dim"] == 8
     parts = [unet_text.backbone, unet_text.image_proj, unet_text.text_tower]
     assert info["parameters"] == sum(p.numel() for m in parts for p in m.parameters())
+
+
+def test_unet_without_residual_units_has_every_encoder_level():
+    # MONAI's Convolution is itself a Sequential: with num_res_units=0 (the embedded
+    # default's layout) the bottom block must not be mistaken for another level.
+    from napari_lsmfm.model import Foundation, FoundationSpec
+
+    spec = FoundationSpec(architecture="unet", embed_dim=4, channels=(4, 8, 16),
+                          strides=(2, 2), num_res_units=0)
+    fm = Foundation(spec)
+    with torch.no_grad():
+        levels = fm.features(torch.rand(1, 1, 8, 16, 16))
+    assert [t.shape[1] for t in levels] == fm.feature_channels == [4, 4, 8, 16]

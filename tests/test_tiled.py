@@ -194,3 +194,13 @@ def test_gaussian_weights_peak_in_the_centre():
     w = gaussian_weights((9, 17, 17))
     assert w.shape == (9, 17, 17) and w.max() == pytest.approx(1.0)
     assert w[4, 8, 8] == w.max() and w.min() > 0
+
+
+def test_aligned_grid_puts_window_origins_on_block_multiples():
+    from napari_lsmfm.inference.tiled import TileGrid
+
+    grid = TileGrid.build((50, 71, 70), (16, 32, 30), 0.3, align=2)
+    for size, tile, starts in zip(grid.shape, grid.tile, grid.starts, strict=True):
+        assert starts[-1] == size - tile  # the volume is covered to its end
+        assert all(s % 2 == 0 for s in starts[:-1])
+    assert grid.starts[1][-1] % 2 == 1  # 71 - 32: only the last origin may be odd

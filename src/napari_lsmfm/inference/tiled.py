@@ -94,7 +94,10 @@ class TileGrid:
     cores: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def build(cls, shape: Sequence[int], tile: Sequence[int], overlap: float) -> TileGrid:
+    def build(cls, shape: Sequence[int], tile: Sequence[int], overlap: float,
+              align: int = 1) -> TileGrid:
+        """``align``: window origins fall on multiples of it (the steps are rounded down
+        to it), except the last window of an axis, which ends at the volume's end."""
         shape = tuple(int(s) for s in shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"expected a (Z, Y, X) volume, got shape {shape}")
@@ -104,7 +107,10 @@ class TileGrid:
         if not 0.0 <= float(overlap) < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         tile = tuple(min(t, s) for t, s in zip(tile, shape, strict=True))
-        steps = [max(1, int(round(t * (1.0 - float(overlap))))) for t in tile]
+        align = max(1, int(align))
+        steps = [int(round(t * (1.0 - float(overlap)))) for t in tile]
+        steps = [max(align, st // align * align) if t >= align else max(1, st)
+                 for st, t in zip(steps, tile, strict=True)]
         starts = tuple(
             tuple(_axis_starts(s, t, st)) for s, t, st in zip(shape, tile, steps, strict=True)
         )
@@ -326,6 +332,7 @@ def predict_tiled(
     ctx: Any = None,
     progress: tuple[float, float] = (0.0, 1.0),
     message: str = "predicting",
+    align: int = 1,
 ) -> Any:
     """Run ``fn`` over a (Z, Y, X) volume window by window and stitch the outputs.
 
@@ -353,6 +360,8 @@ def predict_tiled(
         ctx: a JobContext: progress per batch (values tile=, tiles=); cancelling stops
             at the next batch with ``Cancelled`` (the output is then partial).
         progress: the part of ``ctx``'s [0, 1] this call covers.
+        align: window origins on multiples of this (for networks that fold blocks of
+            voxels into channels, so every window folds the same blocks).
 
     Returns:
         ``out`` (or the new numpy array), or None when a ``sink`` is given.
@@ -364,7 +373,7 @@ def predict_tiled(
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     if len(getattr(volume, "shape", ())) != 3:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {getattr(volume, 'shape', None)}")
-    grid = TileGrid.build(volume.shape, tile, overlap)
+    grid = TileGrid.build(volume.shape, tile, overlap, align)
     lo, hi = _region_box(region, volume.shape)
     rshape = tuple(b - a for a, b in zip(lo, hi, strict=True))
     channels = int(out_channels)

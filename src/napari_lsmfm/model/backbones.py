@@ -105,7 +105,9 @@ def encoder_taps(backbone: nn.Module, spec: Any) -> list[nn.Module]:
     taps: list[nn.Module] = []
     block: nn.Module = backbone.model
     # MONAI's UNet nests Sequential(down, SkipConnection(Sequential(...)), up) per level.
-    while isinstance(block, nn.Sequential):
+    # (MONAI's Convolution is a Sequential too: the bottom block is one when the UNet has
+    # no residual units, so test for the skip connection, not the type.)
+    while isinstance(block, nn.Sequential) and len(block) == 3 and hasattr(block[1], "submodule"):
         taps.append(block[0])
         block = block[1].submodule
     taps.append(block)

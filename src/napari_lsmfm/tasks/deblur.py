@@ -38,6 +38,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ __all__ = [
 DEBLUR_SPEC = {
     "architecture": "unet",
     "embed_dim": 16,
-    "channels": [16, 32, 64],
+    "channels": [32, 64, 128],
     "strides": [2, 2],
     "num_res_units": 2,
     "norm": "BATCH",
@@ -202,7 +203,8 @@ class DeblurConfig:
 
     steps / lr / batch_size / patch_size: training; lr None = 2e-3 for synthetic
         training, 2e-4 for finetuning on a volume (fit_self).
-    hidden: width of the restoration head.
+    hidden: width of the restoration head; unshuffle: block size folded into channels
+        (:class:`DeblurNet`; 2 = 8 times fewer voxels through the network, 1 = none).
     tile / overlap: prediction windows (z, y, x) in voxels and their overlap fraction.
     loss weights: l1, l2, ssim (1 - SSIM), edge (finite differences), highpass. The
         published recipe is l1 1, ssim 0.2, edge 0.1, highpass 0.1 and no l2; the mean
@@ -219,6 +221,7 @@ class DeblurConfig:
     batch_size: int = 4
     patch_size: tuple[int, int, int] = (32, 64, 64)
     hidden: int = 32
+    unshuffle: int = 2
     tile: tuple[int, int, int] = (64, 192, 192)
     overlap: float = 0.25
     l1: float = 1.0
@@ -240,7 +243,7 @@ class DeblurConfig:
         self.lateral_sigma = _pair(self.lateral_sigma, "lateral_sigma")
         self.axial_ratio = _pair(self.axial_ratio, "axial_ratio")
         self.photons = _pair(self.photons, "photons")
-        for name in ("steps", "batch_size", "hidden", "eval_every"):
+        for name in ("steps", "batch_size", "hidden", "eval_every", "unshuffle"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
@@ -553,23 +556,88 @@ def _noise_model(image: Any, lo: float) -> tuple[float, float]:
 # -------------------------------------------------------------------------- network
 
 
+def pixel_unshuffle3d(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, z, y, x) -> (B, C f^3, z/f, y/f, x/f): every f x f x f block becomes channels
+    (lossless; the sizes must be multiples of ``factor``)."""
+    b, c, z, y, w = x.shape
+    f = int(factor)
+    x = x.reshape(b, c, z // f, f, y // f, f, w // f, f)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * f**3, z // f, y // f, w // f)
+
+
+def pixel_shuffle3d(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Inverse of :func:`pixel_unshuffle3d`."""
+    b, cf, z, y, w = x.shape
+    f = int(factor)
+    c = cf // f**3
+    x = x.reshape(b, c, f, f, f, z, y, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, z * f, y * f, w * f)
+
+
+def _inflate_input(backbone: nn.Module, channels: int) -> None:
+    """Give the backbone's input convolutions (those with one input channel: the first
+    convolution and, in residual units, its skip projection) ``channels`` inputs. The
+    one-channel weights are repeated and divided by ``channels``, so on a locally constant
+    input the inflated backbone computes what the original computes on the block average:
+    the pretrained filters are kept, only spread over the sub-voxel channels."""
+    found = False
+    for sub in list(backbone.modules()):
+        for name, conv in list(sub.named_children()):
+            if not isinstance(conv, nn.Conv3d) or conv.in_channels != 1:
+                continue
+            new = nn.Conv3d(channels, conv.out_channels, conv.kernel_size, conv.stride,
+                            conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                            device=conv.weight.device, dtype=conv.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(conv.weight.repeat(1, channels, 1, 1, 1) / channels)
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)
+            setattr(sub, name, new)
+            found = True
+    if not found:
+        raise ValueError("the backbone has no one-channel 3D convolution to take the "
+                         "unshuffled input")
+
+
 class DeblurNet(nn.Module):
     """Backbone + restoration head: (B, 1, z, y, x) in [0, 1] -> clamp(x + residual, 0, 1).
 
     The head (two 1x1x1 convs, :class:`~.heads.DenseHead`) reads the dense features and
     the intensity; its last layer starts at zero, so an untrained net is the identity.
+
+    ``unshuffle`` f > 1 runs backbone and head on f x f x f blocks folded into channels
+    (:func:`pixel_unshuffle3d`, as in FFDNet): the same information at 1/f^3 of the
+    voxels, so the network costs about f^3 times less; the head predicts the f^3 residuals
+    of each block, unfolded back to full resolution. The backbone's first convolution is
+    inflated to f^3 inputs (:func:`_inflate_input`).
     """
 
-    def __init__(self, foundation: Any, hidden: int = 32) -> None:
+    def __init__(self, foundation: Any, hidden: int = 32, unshuffle: int = 1) -> None:
         super().__init__()
         self.foundation = foundation
-        self.head = DenseHead(foundation.spec.embed_dim + 1, 1, hidden)
+        self.unshuffle = int(unshuffle)
+        if self.unshuffle < 1:
+            raise ValueError(f"unshuffle must be at least 1, got {unshuffle}")
+        sub = self.unshuffle**3
+        if sub > 1:
+            _inflate_input(foundation.backbone, sub)
+        self.head = DenseHead(foundation.spec.embed_dim + sub, sub, hidden)
         last = self.head.net[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.head(torch.cat([self.foundation(x), x], 1))
+        f = self.unshuffle
+        if f == 1:
+            residual = self.head(torch.cat([self.foundation(x), x], 1))
+            return torch.clamp(x + residual, 0.0, 1.0)
+        size = x.shape[2:]
+        pad = [(-s) % f for s in size]
+        xp = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate") if any(pad) else x
+        folded = pixel_unshuffle3d(xp, f)
+        features = self.foundation._run(folded.to(self.foundation.device))
+        residual = pixel_shuffle3d(self.head(torch.cat([features, folded], 1)), f)
+        residual = residual[:, :, : size[0], : size[1], : size[2]]
         return torch.clamp(x + residual, 0.0, 1.0)
 
 
@@ -658,7 +726,7 @@ class Deblurrer:
         self.config = config
         self.origin = foundation_record(foundation)
         torch.manual_seed(config.seed)
-        self.net = DeblurNet(_backbone_copy(foundation), config.hidden)
+        self.net = DeblurNet(_backbone_copy(foundation), config.hidden, config.unshuffle)
         device = config.device if config.device else foundation.device
         self.to_device(device)
         self.net.eval()
@@ -758,9 +826,12 @@ class Deblurrer:
         torch.manual_seed(seed)
         loss_fn = DeblurLoss(cfg.l1, cfg.ssim, cfg.edge, cfg.highpass, cfg.l2).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=steps, pct_start=min(0.1, 50 / steps)
-        )
+        if steps >= 4:  # warm-up of at least 2 steps (OneCycleLR divides by its length)
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=lr, total_steps=steps, pct_start=max(min(0.1, 50 / steps), 2 / steps)
+            )
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         fp16 = getattr(net.foundation, "_amp_dtype", None) == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=bool(fp16 and device.type == "cuda"))
         vx, vy = (t.to(device) for t in val_batch)
@@ -779,11 +850,15 @@ class Deblurrer:
         stopped = False
         every = max(1, int(cfg.eval_every))
         net.train()
+        # the next batch is made in a thread while the network trains on this one (numpy's
+        # FFTs and torch's kernels both release the GIL)
+        prefetch = ThreadPoolExecutor(1, thread_name_prefix="deblur-batches")
+        upcoming = prefetch.submit(sampler.sample, cfg.batch_size)
         try:
             for step in range(steps):
-                if ctx is not None:
-                    ctx.check()
-                x, y = sampler.sample(cfg.batch_size)
+                x, y = _next_batch(upcoming, ctx)
+                if step + 1 < steps:
+                    upcoming = prefetch.submit(sampler.sample, cfg.batch_size)
                 x, y = x.to(device), y.to(device)
                 try:
                     loss = loss_fn(net(x), y)
@@ -824,6 +899,9 @@ class Deblurrer:
             if current < best_loss:
                 best_loss, best_state = current, _state(net)
             stopped = True
+        finally:
+            # a batch still being made is left to finish on its own: Stop does not wait
+            prefetch.shutdown(wait=False, cancel_futures=True)
         net.load_state_dict(best_state)
         net.eval()
         self.history = history
@@ -881,7 +959,7 @@ class Deblurrer:
             lambda tile: predict_tiled(
                 self.window_fn(irange), image, out_channels=1, tile=tile, overlap=cfg.overlap,
                 blend="gaussian", sink=sink, max_block_bytes=cfg.block_bytes, ctx=ctx,
-                message="deblurring",
+                message="deblurring", align=cfg.unshuffle,
             ),
             cfg.tile, ctx, self.device,
         )
@@ -942,6 +1020,20 @@ class Deblurrer:
         model.trained_on = list(config.get("trained_on") or [{"kind": "unknown"}])
         model.best_loss = config.get("best_loss")
         return model
+
+
+def _next_batch(upcoming: Any, ctx: Any) -> Any:
+    """The prefetched batch; Stop is checked every 50 ms while it is being made (a new
+    synthetic volume can take a second or more)."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    while True:
+        if ctx is not None:
+            ctx.check()
+        try:
+            return upcoming.result(timeout=0.05)
+        except FutureTimeout:
+            continue
 
 
 def _state(module: nn.Module) -> dict:
@@ -1139,6 +1231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (2e-3)")
     parser.add_argument("--l2", type=float, default=None,
                         help="weight of the mean-squared-error term of the loss (10)")
+    parser.add_argument("--patch-size", default=None,
+                        help="training patch z,y,x in voxels (32,64,64)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -1148,6 +1242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                                ("l2", args.l2)) if v is not None}
+    if args.patch_size:
+        extra["patch_size"] = _triple(args.patch_size.split(","), "patch_size")
     try:
         summary = train_default_deblur(
             args.train_default, steps=args.steps, seed=args.seed, device=args.device,
