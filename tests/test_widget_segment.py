@@ -54,30 +54,32 @@ def test_train_segments_volume_and_keeps_ui_responsive(make_napari_viewer, qtbot
     viewer, widget, truth = _setup(make_napari_viewer)
     before = {layer.name: layer.data.copy() for layer in viewer.layers}
     widget.steps_spin.setValue(150)
-    with TickRecorder() as ticks:
-        widget.train_button.click()
+    with TickRecorder() as training:
+        widget.train(then_predict=False)
         assert widget.train_button.text() == "Stop"
-        # measure while the worker trains and predicts (adding the result layers after
-        # it is napari's own work on the UI thread)
-        qtbot.waitUntil(lambda: widget.runner.wait(0), timeout=180_000)
-    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
-    # The issue asks for no gap over 200 ms; measured 0.03-0.25 s on 2 busy cores (the
-    # worst gaps come from the UI thread itself, not the GIL). 0.5 s still fails for a
-    # job that would run on the UI thread (multi-second gaps).
-    assert ticks.max_gap < 0.5, f"UI blocked for {ticks.max_gap:.3f} s"
+        qtbot.waitUntil(lambda: not widget.busy, timeout=180_000)
+    # the issue's bound: no gap over 200 ms while the model trains (measured 0.03 s on
+    # 2 cores, with another training job running beside it)
+    assert training.max_gap < 0.2, f"UI blocked for {training.max_gap:.3f} s while training"
     assert len(widget.loss_plot.values) > 10
     assert widget.loss_plot.values[-1] < widget.loss_plot.values[0]
+    with TickRecorder() as predicting:
+        widget.predict()
+        qtbot.waitUntil(lambda: not widget.busy, timeout=180_000)
+    # prediction runs in the worker too; adding the result layers is napari's own work on
+    # the UI thread, one layer per event-loop turn (each 0.1-0.2 s on a busy machine)
+    assert predicting.max_gap < 0.5, f"UI blocked for {predicting.max_gap:.3f} s"
     seg = viewer.layers["nuclei segmentation"].data
     assert seg.shape == truth.shape and set(np.unique(seg)) <= {0, 2}
     # measured 0.82 with this random-init tiny backbone and 150 steps; threshold with margin
     assert dice(seg == 2, truth > 0) > 0.6
-    assert "nuclei uncertainty" in viewer.layers
+    assert "nuclei uncertainty" in viewer.layers and "nuclei probability 2" in viewer.layers
     for name, data in before.items():  # the user's layers are untouched
         np.testing.assert_array_equal(viewer.layers[name].data, data)
-    # a second run updates our layer instead of adding another
+    # a second run updates our layers instead of adding others
     n_layers = len(viewer.layers)
     widget.predict()
-    qtbot.waitUntil(lambda: not widget.runner.running, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     assert len(viewer.layers) == n_layers
 
 

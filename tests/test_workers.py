@@ -55,3 +55,18 @@ def test_progress_callback_maps_sub_range():
     cb(0.5, "b")
     cb(1.0, "c")
     assert [u.fraction for u in seen] == [0.5, 0.75, 1.0]
+
+
+def test_span_maps_a_step_into_its_part_of_the_progress():
+    from napari_lsmfm.workers.job import JobContext, span
+
+    updates = []
+    ctx = JobContext(updates.append)
+    part = span(ctx, 0.5, 1.0)
+    part.report(0.5, "half", loss=1.0)
+    part.report(None, "message only")
+    assert [u.fraction for u in updates] == [0.75, None]
+    assert updates[0].values == {"loss": 1.0}
+    ctx.cancel()
+    assert part.cancelled
+    assert span(None, 0.0, 1.0) is None

@@ -53,7 +53,7 @@ from napari_lsmfm.inference.tiled import (
     predict_points,
     predict_tiled,
 )
-from napari_lsmfm.workers.job import Cancelled
+from napari_lsmfm.workers.job import Cancelled, span
 
 from .filters import filter_bank, n_channels
 from .heads import (
@@ -569,29 +569,6 @@ def _cpu_threads(device: torch.device, n: int):
         torch.set_num_threads(before)
 
 
-class _Span:
-    """A job context seen through a [start, stop] part of the parent's progress."""
-
-    def __init__(self, ctx: Any, start: float, stop: float) -> None:
-        self.ctx, self.start, self.stop = ctx, start, stop
-
-    @property
-    def cancelled(self) -> bool:
-        return bool(getattr(self.ctx, "cancelled", False))
-
-    def check(self) -> None:
-        self.ctx.check()
-
-    def report(self, fraction: float | None, message: str = "", **values: Any) -> None:
-        if fraction is not None:
-            fraction = self.start + (self.stop - self.start) * float(fraction)
-        self.ctx.report(fraction, message, **values)
-
-
-def _span(ctx: Any, start: float, stop: float) -> Any:
-    return None if ctx is None else _Span(ctx, start, stop)
-
-
 # ------------------------------------------------------------------------ full mode
 
 
@@ -813,7 +790,7 @@ class Segmenter:
     def _fit_quick(self, image, sparse: SparseLabels, key, irange, ctx) -> dict:
         cfg = self.config
         was_cached = self._feature_key(key) in self._cache
-        cached = self.features(image, _span(ctx, 0.0, 0.8))
+        cached = self.features(image, span(ctx, 0.0, 0.8))
         if cached is not None:
             z, y, x = sparse.coords.T
             samples = np.asarray(cached[:, z, y, x].T, np.float32)
@@ -822,11 +799,11 @@ class Segmenter:
                 lambda tile: predict_points(
                     self._feature_fn(irange), image, sparse.coords,
                     out_channels=self._features.channels, tile=tile, overlap=cfg.overlap,
-                    blend=cfg.feature_blend, ctx=_span(ctx, 0.0, 0.8), message="features",
+                    blend=cfg.feature_blend, ctx=span(ctx, 0.0, 0.8), message="features",
                 ),
                 ctx,
             )
-        train_ctx = _span(ctx, 0.0 if was_cached else 0.8, 1.0)
+        train_ctx = span(ctx, 0.0 if was_cached else 0.8, 1.0)
         classes = sparse.classes
         targets = sparse.targets(classes)
         X = torch.from_numpy(samples).to(self.foundation.device)
@@ -1111,7 +1088,7 @@ class Segmenter:
 
         t0 = time.perf_counter()
         irange = self._intensity_range(image, key)
-        pred_ctx = _span(ctx, 0.0, 0.9 if instances else 1.0)
+        pred_ctx = span(ctx, 0.0, 0.9 if instances else 1.0)
         if self.config.mode == "quick":
             self._predict_quick(image, irange, region, write, pred_ctx)
         else:
@@ -1168,7 +1145,7 @@ class Segmenter:
                     )
             return probs.reshape(n_out, *feats.shape[1:])
 
-        cached = self.features(image, _span(ctx, 0.0, 0.9))
+        cached = self.features(image, span(ctx, 0.0, 0.9))
         if cached is not None:
             plane = cached.shape[0] * len(range(*region[1].indices(cached.shape[2]))) * len(
                 range(*region[2].indices(cached.shape[3]))) * 4
@@ -1423,8 +1400,8 @@ def segment(
     elif overrides or mode != config.mode:
         config = SegmentConfig.from_dict({**config.to_dict(), "mode": mode, **overrides})
     seg = Segmenter(foundation, config)
-    fit = seg.fit(image, brushes, _span(ctx, 0.0, 0.5))
-    result = seg.predict(image, _span(ctx, 0.5, 1.0), probabilities=probabilities,
+    fit = seg.fit(image, brushes, span(ctx, 0.0, 0.5))
+    result = seg.predict(image, span(ctx, 0.5, 1.0), probabilities=probabilities,
                          instances=instances)
     result.stats.update(fit=fit, segmenter=seg)
     return result

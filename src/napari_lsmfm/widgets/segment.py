@@ -26,7 +26,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets._parts import LayerCombo, LossPlot, put_result_layer, row
+from napari_lsmfm.widgets._parts import (
+    LayerCombo,
+    LayerQueue,
+    LossPlot,
+    put_result_layer,
+    row,
+)
 from napari_lsmfm.widgets._state import foundation_slot
 from napari_lsmfm.workers.job import JobContext, Update
 from napari_lsmfm.workers.qt import JobRunner
@@ -46,6 +52,7 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.slot = foundation_slot(napari_viewer)
         self.runner = JobRunner(self)
+        self._layers = LayerQueue()
         self.segmenter: Any = None
         self._segmenter_key: tuple | None = None
         self._pending_predict = False
@@ -358,29 +365,35 @@ class SegmentWidget(QWidget):
             layer.refresh()
         else:
             put_result_layer(self.viewer, f"{name} segmentation", classes, "labels", **geometry)
+        # the hidden extra layers follow one per event-loop turn (see LayerQueue)
         if result.uncertainty is not None:
-            put_result_layer(
+            self._layers.add(lambda: put_result_layer(
                 self.viewer, f"{name} uncertainty", result.uncertainty, "image",
                 colormap="magma", blending="additive", opacity=0.5, visible=False,
                 contrast_limits=(0.0, 1.0), **geometry,
-            )
+            ))
         if result.probabilities is not None:
             for i, value in enumerate(result.channel_values):
                 if value == 0:
                     continue
-                put_result_layer(
+                self._layers.add(lambda i=i, value=value: put_result_layer(
                     self.viewer, f"{name} probability {value}", result.probabilities[i],
                     "image", colormap="green", blending="additive", visible=False,
                     **geometry,
-                )
+                ))
         if result.instances is not None:
-            put_result_layer(self.viewer, f"{name} instances", result.instances, "labels",
-                             **geometry)
+            self._layers.add(lambda: put_result_layer(
+                self.viewer, f"{name} instances", result.instances, "labels", **geometry))
         if result.uncertainty is not None:
             z = result.suggest_slices(axis=0, n=1)[0]
             if result.region is not None:
                 z += result.region[0].start
             self.status.setToolTip(f"Most uncertain slice: z = {z}; a stroke there helps most.")
+
+    @property
+    def busy(self) -> bool:
+        """A job runs, or its result layers are still being added."""
+        return self.runner.running or self._layers.pending
 
     def _full_layer(self, name: str, shape: tuple[int, ...]) -> bool:
         if name not in self.viewer.layers:

@@ -128,3 +128,28 @@ def terminal_progress(prefix: str = "") -> Callable[[Update], None]:
         sys.stderr.flush()
 
     return show
+
+
+class Span:
+    """A job context seen through a [start, stop] part of its parent's progress: a step
+    of a longer job reports its own 0..1 and the parent's bar moves within the part."""
+
+    def __init__(self, ctx: Any, start: float, stop: float) -> None:
+        self.ctx, self.start, self.stop = ctx, float(start), float(stop)
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(getattr(self.ctx, "cancelled", False))
+
+    def check(self) -> None:
+        self.ctx.check()
+
+    def report(self, fraction: float | None, message: str = "", **values: Any) -> None:
+        if fraction is not None:
+            fraction = self.start + (self.stop - self.start) * float(fraction)
+        self.ctx.report(fraction, message, **values)
+
+
+def span(ctx: Any, start: float, stop: float) -> Span | None:
+    """``ctx`` narrowed to the [start, stop] part of its progress (None stays None)."""
+    return None if ctx is None else Span(ctx, start, stop)
