@@ -94,13 +94,15 @@ def test_predict_refuses_bad_input_before_any_work():
         model.predict(np.zeros((8, 16, 16), np.float32))
 
 
-def test_rl_needs_one_psf_and_model_needs_none(pair):
+def test_rl_needs_one_psf_and_model_takes_at_most_its_sigma(pair):
     with pytest.raises(ValueError, match="exactly one PSF"):
         deblur(pair.image, method="rl")
     with pytest.raises(ValueError, match="micrometres"):
         deblur(pair.image, method="rl", psf_sigma_um=(3, 1, 1))
     with pytest.raises(ValueError, match="belong to Richardson-Lucy"):
-        deblur(pair.image, method="model", model=tiny_model(), psf_sigma=2.0)
+        deblur(pair.image, method="model", model=tiny_model(), iterations=5)
+    with pytest.raises(ValueError, match="belong to Richardson-Lucy"):
+        deblur(pair.image, method="model", model=tiny_model(), psf=gaussian_psf((2, 1, 1)))
     with pytest.raises(ValueError, match="method"):
         deblur(pair.image, method="wiener")
 
@@ -337,7 +339,11 @@ def test_cli_model_and_argument_errors(tmp_path, image_file, capsys):
     with pytest.raises(ValueError, match="needs a PSF"):
         _cli([str(image_file), "--out", str(tmp_path / "x.tif"), "--method", "rl"])
     with pytest.raises(ValueError, match="belong to --method rl"):
-        _cli([str(image_file), "--out", str(tmp_path / "x.tif"), "--psf-sigma", "2"])
+        _cli([str(image_file), "--out", str(tmp_path / "x.tif"), "--iterations", "5"])
+    # a sigma is fine for the model (a blind one ignores it)
+    assert _cli([str(image_file), "--out", str(tmp_path / "s.tif"), "--weights", str(folder),
+                 "--psf-sigma", "2,1,1"]) == 0
+    assert json.loads(capsys.readouterr().out)["psf_sigma"] == [2.0, 1.0, 1.0, "voxel"]
     with pytest.raises(ValueError, match="saved deblur model"):
         _cli([str(image_file), "--out", str(tmp_path / "x.tif"), "--weights", str(image_file)])
     with pytest.raises(ValueError, match=".tif, .tiff or .zarr"):
@@ -358,3 +364,37 @@ def test_train_default_writes_a_loadable_model(tmp_path, pair, monkeypatch, caps
     # the command refuses to replace it without --overwrite: one line, exit status 2
     assert mod.main(["--train-default", str(out), "--steps", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_psf_conditioning_starts_as_the_blind_network_and_uses_the_psf(pair):
+    from napari_lsmfm.tasks.deblur import psf_code
+
+    model = tiny_model(perturb=0.3)
+    blind = model.predict(pair.image)
+    model.net.enable_psf_condition()  # zero weights on the new inputs: nothing changes
+    np.testing.assert_array_equal(model.predict(pair.image, psf_sigma=(2, 1, 1)), blind)
+    code = psf_code((2.0, 1.0, 1.0), 2)
+    assert code.shape == (2, 4) and code[0].tolist() == [0.5, 0.5, 0.5, 1.0]
+    assert psf_code(None, 1).abs().sum() == 0
+    # once the PSF inputs have weights, a known PSF changes the result; unknown = blind
+    with torch.no_grad():
+        for conv in model.net.modules():
+            if isinstance(conv, torch.nn.Conv3d) and conv.in_channels == 8 + 4:
+                conv.weight[:, 8:].normal_(0, 0.5)
+    told = model.predict(pair.image, psf_sigma=(2, 1, 1))
+    assert np.abs(told.astype(np.float32) - blind).mean() > 0.5
+    assert np.abs(told.astype(np.float32) - model.predict(pair.image, psf_sigma=(4, 2, 2))
+                  ).mean() > 0.5
+
+
+def test_psf_conditioned_model_trains_saves_and_loads(tmp_path, pair):
+    model = tiny_model(psf_condition=True, lr=1e-3)
+    result = model.fit_synthetic(steps=4)
+    assert result["steps_done"] == 4
+    folder = model.save(tmp_path / "cond")
+    again = Deblurrer.load(folder, device="cpu")
+    assert again.net.psf_condition and again.config.psf_condition
+    np.testing.assert_array_equal(again.predict(pair.image, psf_sigma=(2, 1, 1)),
+                                  model.predict(pair.image, psf_sigma=(2, 1, 1)))
+    out = deblur(pair.image, model=again, psf_sigma_um=(4, 1, 1), voxel_size=(2, 1, 1))
+    assert out.shape == pair.image.shape

@@ -73,9 +73,20 @@ def test_deblur_adds_new_layers_and_keeps_the_original(make_napari_viewer, qtbot
     np.testing.assert_array_equal(viewer.layers["vol"].data, volume)  # untouched
     first = out.data
 
-    _press(widget, qtbot)  # a second run keeps the first result
+    # a second run keeps the first result; the known PSF goes to the model (this small
+    # one is blind and ignores it, so the result is the same)
+    seen = []
+    real = module.deblur_job
+    monkeypatch.setattr(module, "deblur_job",
+                        lambda image, ctx, **o: seen.append(o) or real(image, ctx, **o))
+    widget.psf_known_box.setChecked(True)
+    for spin, value in zip(widget.model_sigma_spins, (2.0, 0.8, 0.8), strict=True):
+        spin.setValue(value)
+    _press(widget, qtbot)
+    assert seen and seen[-1]["psf_sigma"] == (2.0, 0.8, 0.8)
     assert "vol deblurred [2]" in viewer.layers
     assert viewer.layers["vol deblurred"].data is first
+    np.testing.assert_array_equal(viewer.layers["vol deblurred [2]"].data, first)
 
     # Richardson-Lucy: a sigma in voxels, and the same PSF in µm via the layer's scale
     widget.method_combo.setCurrentText("Richardson-Lucy")

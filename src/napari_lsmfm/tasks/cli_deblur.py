@@ -41,7 +41,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None,
                    help="a saved deblur model folder (default: the shipped model)")
     p.add_argument("--psf-sigma", default=None,
-                   help="Richardson-Lucy: Gaussian PSF sigma z,y,x (or one number)")
+                   help="Gaussian PSF sigma z,y,x (or one number): needed by rl; the "
+                        "model uses it when it is PSF-conditioned (the shipped one is), else "
+                        "it deblurs blind")
     p.add_argument("--psf-unit", choices=("voxel", "um"), default="voxel",
                    help="unit of --psf-sigma: voxels (default) or micrometres (uses the "
                         "voxel size)")
@@ -86,9 +88,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from .deblur import Deblurrer, check_deblur_input, deblur, load_default_deblur
 
-    rl_options = [args.psf_sigma, args.psf_file, args.iterations]
-    if args.method == "model" and any(v is not None for v in rl_options):
-        raise ValueError("--psf-sigma, --psf-file and --iterations belong to --method rl")
+    if args.method == "model" and (args.psf_file is not None or args.iterations is not None):
+        raise ValueError("--psf-file and --iterations belong to --method rl (the model takes "
+                         "at most --psf-sigma)")
     if args.method == "rl":
         if args.weights is not None:
             raise ValueError("--weights belongs to --method model; rl needs a PSF instead")
@@ -119,22 +121,22 @@ def _run(args: argparse.Namespace) -> int:
         options["model"] = model
         summary["model"] = args.weights or "default"
         summary["device"] = str(model.device)
-    else:
-        if args.psf_file is not None:
-            options["psf"] = args.psf_file
-            summary["psf"] = str(args.psf_file)
+    if args.method == "rl" and args.psf_file is not None:
+        options["psf"] = args.psf_file
+        summary["psf"] = str(args.psf_file)
+    elif args.psf_sigma is not None:
+        sigma = _numbers(args.psf_sigma, "psf-sigma", allow_one=True)
+        if args.psf_unit == "um":
+            if voxel_size is None:
+                raise ValueError(
+                    "--psf-unit um needs the voxel size: the image's metadata has none; "
+                    "give --voxel-size z,y,x or the sigma in voxels"
+                )
+            options.update(psf_sigma_um=sigma, voxel_size=voxel_size)
         else:
-            sigma = _numbers(args.psf_sigma, "psf-sigma", allow_one=True)
-            if args.psf_unit == "um":
-                if voxel_size is None:
-                    raise ValueError(
-                        "--psf-unit um needs the voxel size: the image's metadata has none; "
-                        "give --voxel-size z,y,x or the sigma in voxels"
-                    )
-                options.update(psf_sigma_um=sigma, voxel_size=voxel_size)
-            else:
-                options["psf_sigma"] = sigma
-            summary["psf_sigma"] = [*sigma, args.psf_unit]
+            options["psf_sigma"] = sigma
+        summary["psf_sigma"] = [*sigma, args.psf_unit]
+    if args.method == "rl":
         options["iterations"] = args.iterations
         summary["iterations"] = args.iterations or 10
 

@@ -203,6 +203,9 @@ class DeblurConfig:
 
     steps / lr / batch_size / patch_size: training; lr None = 2e-3 for synthetic
         training, 2e-4 for finetuning on a volume (fit_self).
+    psf_condition: the network also takes the PSF (Gaussian sigmas in voxels) when it is
+        known (non-blind deblurring; blind when it is not); psf_dropout: the share of
+        training patches that hide it, so the same network works blind.
     hidden: width of the restoration head; unshuffle: block size folded into channels
         (:class:`DeblurNet`; 2 = 8 times fewer voxels through the network, 1 = none).
     tile / overlap: prediction windows (z, y, x) in voxels and their overlap fraction.
@@ -225,6 +228,8 @@ class DeblurConfig:
     patch_size: tuple[int, int, int] = (32, 64, 64)
     hidden: int = 32
     unshuffle: int = 2
+    psf_condition: bool = False
+    psf_dropout: float = 0.25
     tile: tuple[int, int, int] = (64, 192, 192)
     overlap: float = 0.25
     l1: float = 1.0
@@ -346,15 +351,20 @@ def synthetic_pair(
     return SynthPair(image=image, sharp=sharp.astype(np.float32), counts=counts, params=params)
 
 
-def _augment(pairs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-    """Flips on every axis and 90 degree turns in the YX plane (never mixing z in)."""
+def _augment(pairs: list[np.ndarray], rng: np.random.Generator,
+             sigma: Sequence[float] | None = None) -> tuple[list[np.ndarray], tuple]:
+    """Flips on every axis and 90 degree turns in the YX plane (never mixing z in);
+    returns the pairs and the PSF ``sigma`` (z, y, x) as the turn leaves it."""
     for axis in range(3):
         if rng.random() < 0.5:
             pairs = [np.flip(p, axis) for p in pairs]
+    sigma = tuple(float(v) for v in sigma) if sigma is not None else (0.0, 0.0, 0.0)
     if pairs[0].shape[1] == pairs[0].shape[2]:
         k = int(rng.integers(4))
         pairs = [np.rot90(p, k, axes=(1, 2)) for p in pairs]
-    return [np.ascontiguousarray(p, np.float32) for p in pairs]
+        if k % 2:
+            sigma = (sigma[0], sigma[2], sigma[1])
+    return [np.ascontiguousarray(p, np.float32) for p in pairs], sigma
 
 
 def _crop(volume: np.ndarray, patch: Sequence[int], rng: np.random.Generator
@@ -418,18 +428,21 @@ class _SyntheticPairs:
         scale = np.float32(1.0 / (hi - lo))
         x = np.clip((image[box] - lo) * scale, 0, 1)
         y = np.clip((target[box] - lo) * scale, 0, 1)
-        return x, y
+        return x, y, (axial, lateral, lateral)
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.pool[self._next] = self._sharp()
         self._next = (self._next + 1) % len(self.pool)
-        xs, ys = [], []
+        xs, ys, sigmas = [], [], []
         for _ in range(n):
             sharp = self.pool[int(self.rng.integers(len(self.pool)))]
-            x, y = _augment(list(self._pair(sharp)), self.rng)
+            x, y, sigma = self._pair(sharp)
+            (x, y), sigma = _augment([x, y], self.rng, sigma)
             xs.append(x)
             ys.append(y)
-        return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+            sigmas.append(sigma)
+        return (torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None]),
+                torch.tensor(sigmas, dtype=torch.float32))
 
 
 class _SelfPairs:
@@ -498,18 +511,21 @@ class _SelfPairs:
         scale = np.float32(1.0 / (self.hi - self.lo))
         x = np.clip((noisy[box] - self.lo) * scale, 0, 1)
         y = np.clip((region[box] - self.lo) * scale, 0, 1)
-        return x, y
+        return x, y, sigma
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ys, sigmas = [], [], []
         for _ in range(n):
-            x, y = _augment(list(self._pair()), self.rng)
+            x, y, sigma = self._pair()
+            (x, y), sigma = _augment([x, y], self.rng, sigma)
             xs.append(x)
             ys.append(y)
+            sigmas.append(sigma)
         shape = [min(s.shape[a] for s in xs) for a in range(3)]  # resampling may trim a voxel
         xs = [s[: shape[0], : shape[1], : shape[2]] for s in xs]
         ys = [s[: shape[0], : shape[1], : shape[2]] for s in ys]
-        return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+        return (torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None]),
+                torch.tensor(sigmas, dtype=torch.float32))
 
 
 class _Mixed:
@@ -519,16 +535,17 @@ class _Mixed:
     def __init__(self, main, other, share: float, rng: np.random.Generator) -> None:
         self.main, self.other, self.share, self.rng = main, other, float(share), rng
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = int(self.rng.binomial(n, self.share)) if n > 1 else 0
         k = min(max(k, 1), n - 1) if n > 1 else 0
-        xa, ya = self.main.sample(n - k)
+        xa, ya, sa = self.main.sample(n - k)
         if k == 0:
-            return xa, ya
-        xb, yb = self.other.sample(k)
+            return xa, ya, sa
+        xb, yb, sb = self.other.sample(k)
         shape = [min(a, b) for a, b in zip(xa.shape[2:], xb.shape[2:], strict=True)]
         crop = (slice(None), slice(None), *(slice(0, s) for s in shape))
-        return torch.cat([xa[crop], xb[crop]]), torch.cat([ya[crop], yb[crop]])
+        return (torch.cat([xa[crop], xb[crop]]), torch.cat([ya[crop], yb[crop]]),
+                torch.cat([sa, sb]))
 
 
 def _noise_model(image: Any, lo: float) -> tuple[float, float]:
@@ -603,6 +620,41 @@ def _inflate_input(backbone: nn.Module, channels: int) -> None:
                          "unshuffled input")
 
 
+def _widen_input(backbone: nn.Module, old: int, new: int) -> None:
+    """Give the input convolutions (``old`` input channels) ``new`` inputs; the added
+    channels start with zero weights, so the network computes what it did before."""
+    for sub in list(backbone.modules()):
+        for name, conv in list(sub.named_children()):
+            if not isinstance(conv, nn.Conv3d) or conv.in_channels != old:
+                continue
+            wide = nn.Conv3d(new, conv.out_channels, conv.kernel_size, conv.stride,
+                             conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                             device=conv.weight.device, dtype=conv.weight.dtype)
+            with torch.no_grad():
+                wide.weight.zero_()
+                wide.weight[:, :old].copy_(conv.weight)
+                if conv.bias is not None:
+                    wide.bias.copy_(conv.bias)
+            setattr(sub, name, wide)
+
+
+PSF_CHANNELS = 4  # sigma z / 4, sigma y / 2, sigma x / 2 (voxels), and "the PSF is known"
+
+
+def psf_code(psf_sigma: Any, batch: int, device: Any = None) -> torch.Tensor:
+    """The (B, 4) condition of a PSF-conditioned network: Gaussian sigmas (z, y, x) in
+    voxels, scaled to about [0, 1], and a 1 saying they are known; None (or a row of
+    zeros) = unknown, and the network deblurs blind."""
+    if psf_sigma is None:
+        return torch.zeros(batch, PSF_CHANNELS, device=device)
+    sig = torch.as_tensor(psf_sigma, dtype=torch.float32, device=device)
+    if sig.ndim == 1:
+        sig = sig.expand(batch, 3)
+    known = (sig.abs().sum(1, keepdim=True) > 0).float()
+    scale = torch.tensor([0.25, 0.5, 0.5], device=sig.device)
+    return torch.cat([sig * scale, known], 1)
+
+
 class DeblurNet(nn.Module):
     """Backbone + restoration head: (B, 1, z, y, x) in [0, 1] -> clamp(x + residual, 0, 1).
 
@@ -616,31 +668,53 @@ class DeblurNet(nn.Module):
     inflated to f^3 inputs (:func:`_inflate_input`).
     """
 
-    def __init__(self, foundation: Any, hidden: int = 32, unshuffle: int = 1) -> None:
+    def __init__(self, foundation: Any, hidden: int = 32, unshuffle: int = 1,
+                 psf_condition: bool = False) -> None:
         super().__init__()
         self.foundation = foundation
         self.unshuffle = int(unshuffle)
+        self.psf_condition = False
         if self.unshuffle < 1:
             raise ValueError(f"unshuffle must be at least 1, got {unshuffle}")
         sub = self.unshuffle**3
         if sub > 1:
             _inflate_input(foundation.backbone, sub)
+        if psf_condition:
+            self.enable_psf_condition()
         self.head = DenseHead(foundation.spec.embed_dim + sub, sub, hidden)
         last = self.head.net[-1]
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def enable_psf_condition(self) -> None:
+        """Add the PSF inputs (:func:`psf_code`, as constant channels beside the image) to
+        the backbone, with zero weights: a trained blind network stays what it was and
+        then learns to use the PSF when finetuned."""
+        if not self.psf_condition:
+            _widen_input(self.foundation.backbone, self.unshuffle**3,
+                         self.unshuffle**3 + PSF_CHANNELS)
+            self.psf_condition = True
+
+    def forward(self, x: torch.Tensor, psf: torch.Tensor | None = None) -> torch.Tensor:
+        """``psf``: (B, 4) from :func:`psf_code` (or None: unknown) for a PSF-conditioned
+        network; ignored otherwise."""
         f = self.unshuffle
-        if f == 1:
+        if f == 1 and not self.psf_condition:
             residual = self.head(torch.cat([self.foundation(x), x], 1))
             return torch.clamp(x + residual, 0.0, 1.0)
         size = x.shape[2:]
         pad = [(-s) % f for s in size]
         xp = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate") if any(pad) else x
-        folded = pixel_unshuffle3d(xp, f)
-        features = self.foundation._run(folded.to(self.foundation.device))
-        residual = pixel_shuffle3d(self.head(torch.cat([features, folded], 1)), f)
+        folded = pixel_unshuffle3d(xp, f) if f > 1 else xp
+        inputs = folded
+        if self.psf_condition:
+            code = psf if psf is not None else psf_code(None, x.shape[0], x.device)
+            code = code.to(folded.device, folded.dtype)
+            inputs = torch.cat(
+                [folded, code[:, :, None, None, None].expand(-1, -1, *folded.shape[2:])], 1)
+        features = self.foundation._run(inputs.to(self.foundation.device))
+        residual = self.head(torch.cat([features, folded], 1))
+        residual = pixel_shuffle3d(residual, f) if f > 1 else residual
         residual = residual[:, :, : size[0], : size[1], : size[2]]
         return torch.clamp(x + residual, 0.0, 1.0)
 
@@ -735,7 +809,8 @@ class Deblurrer:
         self.config = config
         self.origin = foundation_record(foundation)
         torch.manual_seed(config.seed)
-        self.net = DeblurNet(_backbone_copy(foundation), config.hidden, config.unshuffle)
+        self.net = DeblurNet(_backbone_copy(foundation), config.hidden, config.unshuffle,
+                             config.psf_condition)
         device = config.device if config.device else foundation.device
         self.to_device(device)
         self.net.eval()
@@ -843,12 +918,14 @@ class Deblurrer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         fp16 = getattr(net.foundation, "_amp_dtype", None) == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=bool(fp16 and device.type == "cuda"))
-        vx, vy = (t.to(device) for t in val_batch)
+        vx, vy, vs = (t.to(device) for t in val_batch)
+        drop = np.random.default_rng(seed + 1)
+        vcode = self._code(vs, drop)
 
         def evaluate() -> float:
             net.eval()
             with torch.no_grad():
-                value = float(loss_fn(net(vx), vy))
+                value = float(loss_fn(net(vx, vcode), vy))
             net.train()
             return value
 
@@ -865,12 +942,12 @@ class Deblurrer:
         upcoming = prefetch.submit(sampler.sample, cfg.batch_size)
         try:
             for step in range(steps):
-                x, y = _next_batch(upcoming, ctx)
+                x, y, sig = _next_batch(upcoming, ctx)
                 if step + 1 < steps:
                     upcoming = prefetch.submit(sampler.sample, cfg.batch_size)
                 x, y = x.to(device), y.to(device)
                 try:
-                    loss = loss_fn(net(x), y)
+                    loss = loss_fn(net(x, self._code(sig.to(device), drop)), y)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(opt)
@@ -919,10 +996,22 @@ class Deblurrer:
                 "steps_done": len(history), "stopped": stopped,
                 "seconds": time.perf_counter() - t0}
 
+    def _code(self, sigmas: torch.Tensor, rng: np.random.Generator) -> torch.Tensor | None:
+        """Training condition: the patches' PSFs, a ``psf_dropout`` share hidden."""
+        if not self.net.psf_condition:
+            return None
+        hide = torch.from_numpy(rng.random(len(sigmas)) < self.config.psf_dropout)
+        sigmas = sigmas.clone()
+        sigmas[hide.to(sigmas.device)] = 0.0
+        return psf_code(sigmas, len(sigmas), sigmas.device)
+
     # ----------------------------------------------------------------- predict
 
-    def window_fn(self, intensity_range: tuple[float, float]):
-        """fn(windows (B, 1, z, y, x) raw float32) -> deblurred (B, 1, z, y, x) in [0, 1]."""
+    def window_fn(self, intensity_range: tuple[float, float],
+                  psf_sigma: Sequence[float] | None = None):
+        """fn(windows (B, 1, z, y, x) raw float32) -> deblurred (B, 1, z, y, x) in [0, 1].
+        ``psf_sigma``: the PSF's Gaussian sigmas (z, y, x) in voxels, for a PSF-conditioned
+        model (None: unknown)."""
         lo, hi = intensity_range
         scale = np.float32(1.0 / (hi - lo))
         net, device = self.net, self.device
@@ -935,20 +1024,27 @@ class Deblurrer:
                 )
             x = torch.from_numpy(np.clip((windows - np.float32(lo)) * scale, 0, 1))
             with torch.inference_mode():
-                return net(x.to(device))
+                code = psf_code(psf_sigma, x.shape[0], device) if net.psf_condition else None
+                return net(x.to(device), code)
 
         return fn
 
     def predict(self, image: Any, ctx: Any = None, *, out: Any = None,
-                intensity_range: tuple[float, float] | None = None) -> Any:
+                intensity_range: tuple[float, float] | None = None,
+                psf_sigma: Sequence[float] | None = None) -> Any:
         """Deblur a (Z, Y, X) numpy, dask or zarr volume, window by window.
 
         Returns ``out`` (a numpy or zarr array of the image's shape, filled block by block;
         None allocates numpy of the image's dtype): the deblurred volume in the image's
         units, integers rounded and clipped to the dtype's range. ``intensity_range``
         fixes the normalisation (default :func:`deblur_range` of the image). ``ctx``:
-        progress per window; cancel raises ``Cancelled``.
+        progress per window; cancel raises ``Cancelled``. ``psf_sigma``: the PSF's
+        Gaussian sigmas (z, y, x) in voxels when known; a PSF-conditioned model
+        (``config.psf_condition``) then deblurs for that PSF, otherwise blind; a blind model
+        ignores it.
         """
+        if psf_sigma is not None:
+            psf_sigma = tuple(float(v) for v in psf_sigma_voxels(psf_sigma))
         sample = _sample(image)
         check_deblur_input(image, sample)
         irange = tuple(intensity_range) if intensity_range else deblur_range(image, sample)
@@ -966,7 +1062,8 @@ class Deblurrer:
         cfg = self.config
         _with_memory_fallback(
             lambda tile: predict_tiled(
-                self.window_fn(irange), image, out_channels=1, tile=tile, overlap=cfg.overlap,
+                self.window_fn(irange, psf_sigma), image, out_channels=1, tile=tile,
+                overlap=cfg.overlap,
                 blend="gaussian", sink=sink, max_block_bytes=cfg.block_bytes, ctx=ctx,
                 message="deblurring", align=cfg.unshuffle,
             ),
@@ -1136,16 +1233,23 @@ def deblur(
         raise ValueError(f"method must be 'model' or 'rl', got {method!r}")
     check_deblur_input(image)
     if method == "model":
-        if any(v is not None for v in (psf_sigma, psf_sigma_um, psf, iterations)):
-            raise ValueError("a PSF and iterations belong to Richardson-Lucy (method='rl'); "
-                             "the model needs neither")
+        if psf is not None or iterations is not None:
+            raise ValueError("a PSF file and iterations belong to Richardson-Lucy "
+                             "(method='rl'); the model takes at most the PSF's sigma")
+        known = None
+        if psf_sigma is not None and psf_sigma_um is not None:
+            raise ValueError("give the PSF sigma in voxels or in micrometres, not both")
+        if psf_sigma is not None:
+            known = psf_sigma_voxels(psf_sigma)
+        elif psf_sigma_um is not None:
+            known = psf_sigma_voxels(psf_sigma_um, unit="um", voxel_size=voxel_size)
         if model is None:
             model = load_default_deblur(device)
         elif not isinstance(model, Deblurrer):
             model = Deblurrer.load(model, device=device)
         elif device is not None:
             model.to_device(device)
-        return model.predict(image, ctx, out=out)
+        return model.predict(image, ctx, out=out, psf_sigma=known)
     kernel = _resolve_psf(psf_sigma, psf_sigma_um, voxel_size, psf)
     n_iter = 10 if iterations is None else int(iterations)
     if n_iter < 1:
@@ -1214,6 +1318,9 @@ def train_default_deblur(
         model.config = DeblurConfig.from_dict(
             {**model.config.to_dict(), "steps": steps, "seed": seed, **overrides}
         )
+        if model.config.psf_condition:
+            model.net.enable_psf_condition()
+            model.to_device(device)
         fit = model.fit_synthetic(ctx, steps=steps, seed=seed)
         model.save(out, overwrite=overwrite)
         return {"folder": str(out), "init": str(init), "steps_done": fit["steps_done"],
@@ -1255,6 +1362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="weight of the mean-squared-error term of the loss (10)")
     parser.add_argument("--psnr", type=float, default=None,
                         help="weight of the per-patch log-MSE (PSNR) term of the loss (0)")
+    parser.add_argument("--psf-condition", action="store_true",
+                        help="the network also takes the PSF sigmas when known (non-blind)")
     parser.add_argument("--init", default=None, metavar="MODEL",
                         help="continue from a saved deblur model instead of a new network")
     parser.add_argument("--patch-size", default=None,
@@ -1268,6 +1377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                                ("l2", args.l2), ("psnr", args.psnr)) if v is not None}
+    if args.psf_condition:
+        extra["psf_condition"] = True
     if args.patch_size:
         extra["patch_size"] = _triple(args.patch_size.split(","), "patch_size")
     try:
