@@ -398,3 +398,18 @@ def test_psf_conditioned_model_trains_saves_and_loads(tmp_path, pair):
                                   model.predict(pair.image, psf_sigma=(2, 1, 1)))
     out = deblur(pair.image, model=again, psf_sigma_um=(4, 1, 1), voxel_size=(2, 1, 1))
     assert out.shape == pair.image.shape
+
+
+@pytest.mark.parametrize("kind", ["nuclei", "vessels", "plaques"])
+def test_shipped_model_sharpens_held_out_volumes(kind):
+    """The shipped model on a small held-out volume (seed below TRAIN_SEED_BASE): measured
+    +3.7 to +6.3 dB PSNR over the blurred input, with or without the PSF."""
+    from napari_lsmfm.tasks.deblur import load_default_deblur
+
+    model = load_default_deblur("cpu")
+    assert model.net.psf_condition and model.config.unshuffle == 2
+    pair = synthetic_pair(kind, (32, 64, 64), (1, 1, 1), psf_sigma_vox=(3, 1, 1),
+                          photons=300, seed=5)
+    before = psnr(pair.sharp, pair.image)
+    assert psnr(pair.sharp, model.predict(pair.image, psf_sigma=(3, 1, 1))) > before + 3.0
+    assert psnr(pair.sharp, model.predict(pair.image)) > before + 3.0
