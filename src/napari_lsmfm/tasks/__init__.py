@@ -5,29 +5,16 @@
 >>> result = seg.predict(image)                  # classes, probabilities, uncertainty
 """
 
-import importlib
-from typing import Any
-
-# Imported on first use (PEP 562), so the command line's --help and the Qt widgets'
-# construction do not pay for torch.
-_EXPORTS = {
-    "SegmentConfig": ".segment",
-    "SegmentationResult": ".segment",
-    "Segmenter": ".segment",
-    "SparseLabels": ".segment",
-    "check_image": ".segment",
-    "segment": ".segment",
-    "load_task_model": ".heads",
-    "save_task_model": ".heads",
-    "split_instances": ".instances",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .heads import load_task_model, save_task_model
+from .instances import split_instances
+from .segment import (
+    SegmentationResult,
+    SegmentConfig,
+    Segmenter,
+    SparseLabels,
+    check_image,
+    segment,
+)
 
 __all__ = [
     "SegmentConfig",
