@@ -151,3 +151,37 @@ class LayerQueue:
             self._todo.pop(0)
             if self._todo:
                 QTimer.singleShot(0, self._next)
+
+
+class DeviceCombo(QComboBox):
+    """auto / cpu at first; :meth:`list_devices` (called when the widget is first shown)
+    adds the GPUs. Listing them imports torch, so it is not done at import."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addItems(["auto", "cpu"])
+        self._listed = False
+
+    def list_devices(self) -> None:
+        if self._listed:
+            return
+        from napari_lsmfm.model import available_devices
+
+        self._listed = True
+        current = self.currentText()
+        self.clear()
+        self.addItems(available_devices())
+        self.setCurrentText(current)
+
+
+def show_update(update: Any, progress_bar: Any, status: Any, loss_plot: Any = None) -> None:
+    """A job's progress record in a widget: the bar (0-1000), the loss curve (values
+    ``loss``) and the message, shown as plain text."""
+    import html
+
+    if update.fraction is not None:
+        progress_bar.setValue(int(1000 * update.fraction))
+    if loss_plot is not None and "loss" in update.values:
+        loss_plot.add(float(update.values["loss"]))
+    if update.message:
+        status.setText(html.escape(update.message))

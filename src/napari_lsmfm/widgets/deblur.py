@@ -38,7 +38,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets._parts import LayerCombo, LossPlot, put_result_layer, row
+from napari_lsmfm.widgets._parts import (
+    DeviceCombo,
+    LayerCombo,
+    LossPlot,
+    put_result_layer,
+    row,
+    show_update,
+)
 from napari_lsmfm.workers.job import JobContext, Update
 from napari_lsmfm.workers.qt import JobRunner
 
@@ -170,9 +177,7 @@ class DeblurWidget(QWidget):
         self.model_combo.addItems([DEFAULT_MODEL, LOAD_MODEL])
         self.model_combo.activated.connect(self._on_model_chosen)
         self._model_choice = DEFAULT_MODEL
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
-        self._devices_listed = False
+        self.device_combo = DeviceCombo()
         self.model_box = QWidget()
         model_form = QFormLayout(self.model_box)
         model_form.setContentsMargins(0, 0, 0, 0)
@@ -269,14 +274,7 @@ class DeblurWidget(QWidget):
 
     # ------------------------------------------------------------- inputs
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        if not self._devices_listed:  # imports torch: when first shown, not at import
-            from napari_lsmfm.model import available_devices
-
-            self._devices_listed = True
-            current = self.device_combo.currentText()
-            self.device_combo.clear()
-            self.device_combo.addItems(available_devices())
-            self.device_combo.setCurrentText(current)
+        self.device_combo.list_devices()  # imports torch: when first shown, not at import
         super().showEvent(event)
 
     def _show_method(self, *_: Any) -> None:
@@ -461,12 +459,7 @@ class DeblurWidget(QWidget):
 
     # ------------------------------------------------------------ results
     def _on_update(self, update: Update) -> None:
-        if update.fraction is not None:
-            self.progress_bar.setValue(int(1000 * update.fraction))
-        if "loss" in update.values:
-            self.loss_plot.add(float(update.values["loss"]))
-        if update.message:
-            self.status.setText(html.escape(update.message))
+        show_update(update, self.progress_bar, self.status, self.loss_plot)
 
     def _on_failed(self, exc: Exception) -> None:
         self.progress_bar.setValue(0)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QLabel,
@@ -24,7 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets._parts import row
+from napari_lsmfm.widgets._parts import DeviceCombo, row, show_update
 from napari_lsmfm.widgets._state import foundation_slot
 from napari_lsmfm.workers.job import JobContext, Update
 from napari_lsmfm.workers.qt import JobRunner
@@ -56,9 +55,7 @@ class FoundationWidget(QWidget):
         self.trust_box.setToolTip(
             "Only for checkpoints from a source you trust: unpickling can run code."
         )
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
-        self._devices_listed = False
+        self.device_combo = DeviceCombo()
         self.load_button = QPushButton("Load")
         self.load_button.clicked.connect(self._on_load_clicked)
         self.move_button = QPushButton("Move to device")
@@ -91,15 +88,7 @@ class FoundationWidget(QWidget):
 
     # --- actions ---------------------------------------------------------
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        # Listing GPUs imports torch: do it when the widget is first shown, not at import.
-        if not self._devices_listed:
-            from napari_lsmfm.model import available_devices
-
-            self._devices_listed = True
-            current = self.device_combo.currentText()
-            self.device_combo.clear()
-            self.device_combo.addItems(available_devices())
-            self.device_combo.setCurrentText(current)
+        self.device_combo.list_devices()  # imports torch: when first shown, not at import
         super().showEvent(event)
 
     def load(self) -> None:
@@ -157,10 +146,7 @@ class FoundationWidget(QWidget):
 
     # --- results ---------------------------------------------------------
     def _on_update(self, update: Update) -> None:
-        if update.fraction is not None:
-            self.progress_bar.setValue(int(1000 * update.fraction))
-        if update.message:
-            self.status.setText(update.message)
+        show_update(update, self.progress_bar, self.status)
 
     def _on_loaded(self, foundation: Any) -> None:
         self.progress_bar.setValue(1000)

@@ -27,11 +27,13 @@ from qtpy.QtWidgets import (
 )
 
 from napari_lsmfm.widgets._parts import (
+    DeviceCombo,
     LayerCombo,
     LayerQueue,
     LossPlot,
     put_result_layer,
     row,
+    show_update,
 )
 from napari_lsmfm.widgets._state import foundation_slot
 from napari_lsmfm.workers.job import JobContext, Update
@@ -70,9 +72,7 @@ class SegmentWidget(QWidget):
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(10, 100_000)
         self.steps_spin.setValue(300)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
-        self._devices_listed = False
+        self.device_combo = DeviceCombo()
         self.live_box = QCheckBox("Live: retrain when strokes change (quick mode)")
         self.view_box = QCheckBox("Predict only around the current slice")
         self.instances_box = QCheckBox("Split objects into instances")
@@ -127,12 +127,7 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------- inputs
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        if not self._devices_listed:  # imports torch: when first shown, not at import
-            from napari_lsmfm.model import available_devices
-
-            self._devices_listed = True
-            self.device_combo.clear()
-            self.device_combo.addItems(available_devices())
+        self.device_combo.list_devices()  # imports torch: when first shown, not at import
         super().showEvent(event)
 
     def add_brush_layer(self) -> Any:
@@ -324,12 +319,7 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------ results
     def _on_update(self, update: Update) -> None:
-        if update.fraction is not None:
-            self.progress_bar.setValue(int(1000 * update.fraction))
-        if "loss" in update.values:
-            self.loss_plot.add(float(update.values["loss"]))
-        if update.message:
-            self.status.setText(update.message)
+        show_update(update, self.progress_bar, self.status, self.loss_plot)
 
     def _on_trained(self, out: Any) -> None:
         foundation, fit, result = out
