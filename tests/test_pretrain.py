@@ -256,6 +256,65 @@ def test_synthetic_corpus_is_deterministic(corpus):
     assert a.labels[0] in corpus.captions.labels
     assert corpus.volume_params(0) == corpus.volume_params(0)
     assert corpus.volume_params(0)["kind"] != corpus.volume_params(1)["kind"]
+    # the structure mask is the volume's ground truth at the patch, flipped with it
+    assert corpus.has_masks and a.mask.shape == (32, 32, 32) and np.array_equal(a.mask, b.mask)
+    assert set(np.unique(a.mask)) <= {0.0, 1.0}
+    from napari_lsmfm.synth import make_volume
+
+    for seed in range(8):
+        p = corpus.sample(np.random.default_rng(seed))
+        j = int(p.source.rsplit("/", 1)[1])
+        truth = make_volume(**corpus.volume_params(j)).labels > 0
+        image, _, mask = corpus._volume(j)
+        assert np.array_equal(mask, truth)
+        if p.mask.any():  # the patch's mask is a (flipped) crop of the truth
+            assert p.mask.sum() <= truth.sum()
+            break
+    else:
+        pytest.fail("no sampled patch had structure")
+
+
+def test_structure_objective_teaches_the_mask(tmp_path, corpus):
+    # A few steps of the structure objective alone lower its loss (a linear read-out of
+    # the features learns the mask).
+    config = tiny_config(steps=12, objectives=("structure",), lr=3e-3, warmup_steps=1)
+    updates = []
+    pretrain(config, corpus, tmp_path / "m", JobContext(updates.append))
+    losses = [u.values["structure"] for u in updates if "structure" in u.values]
+    assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+def test_structure_objective_needs_masks(tmp_path):
+    volume = np.random.default_rng(0).random((32, 32, 32), np.float32)
+    _write_tiff(tmp_path / "data" / "a.tif", volume)
+    both = tiny_config(steps=1, objectives=("recon", "structure"))
+    result = pretrain(both, str(tmp_path / "data"), tmp_path / "m")
+    assert "structure" not in result and "recon" in result
+    record = json.loads((tmp_path / "m" / "config.json").read_text())["training"]
+    assert any("no structure masks" in n for n in record["notes"])
+    with pytest.raises(ValueError, match="structure masks"):
+        pretrain(tiny_config(steps=1, objectives=("structure",)), str(tmp_path / "data"),
+                 tmp_path / "n")
+
+
+def test_init_starts_from_a_saved_model(tmp_path, corpus):
+    first = tiny_config(steps=2)
+    pretrain(first, corpus, tmp_path / "a")
+    start = load_foundation(tmp_path / "a", device="cpu")
+    # continue with another objective; a different spec in the config is replaced
+    second = tiny_config(steps=1, objectives=("recon", "distill", "align", "clip", "structure"),
+                         init=str(tmp_path / "a"), lr=1e-12, warmup_steps=0,
+                         spec={**TINY, "embed_dim": 4})
+    pretrain(second, corpus, tmp_path / "b")
+    after = load_foundation(tmp_path / "b", device="cpu")
+    assert after.spec.embed_dim == TINY["embed_dim"]
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(after.state_dict()[k], v, atol=1e-6, rtol=0)
+    record = json.loads((tmp_path / "b" / "config.json").read_text())["training"]
+    assert any("started from" in n for n in record["notes"])
+    assert record["config"]["spec"]["embed_dim"] == TINY["embed_dim"]
+    with pytest.raises(ValueError, match="not a readable foundation"):
+        pretrain(tiny_config(steps=1, init=str(tmp_path / "nowhere")), corpus, tmp_path / "c")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -272,7 +331,8 @@ def _backbone_change(out, config, corpus) -> float:
 
 @pytest.mark.parametrize(
     "objectives",
-    [("recon",), ("distill",), ("align",), ("clip",), ("recon", "distill", "align", "clip")],
+    [("recon",), ("distill",), ("align",), ("clip",), ("structure",),
+     ("recon", "distill", "align", "clip")],
 )
 def test_each_objective_trains(tmp_path, corpus, objectives):
     config = tiny_config(objectives=objectives)

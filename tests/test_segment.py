@@ -161,6 +161,21 @@ def test_full_mode_finetunes_with_a_frozen_then_open_encoder(foundation):
     assert dice(result.classes, test.labels) > 0.45  # measured 0.54-0.67 (seeds 0-2), 40 steps
 
 
+def test_full_mode_starts_from_the_quick_model(foundation):
+    # Before any finetuning the full network is the quick model (head on the same
+    # features), so finetuning begins where quick mode ends.
+    vol = make_volume("nuclei", (32, 64, 64), VOXEL, seed=1)
+    b = brush(vol.labels, slices=(8, 16, 24))
+    quick = Segmenter(foundation, voxel_size=VOXEL, feature_levels=(0,))
+    quick.fit(vol.image, b)
+    full = Segmenter(foundation, mode="full", steps=1, lr=1e-12, voxel_size=VOXEL,
+                     patch_size=(16, 32, 32))
+    full.fit(vol.image, b)
+    torch.testing.assert_close(full.net.head.state_dict(), quick.head.state_dict())
+    a, c = quick.predict(vol.image).classes, full.predict(vol.image).classes
+    assert dice(a == 2, c == 2) > 0.97  # only the window blending differs
+
+
 def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
     from napari_lsmfm.tasks.segment import _is_encoder
 

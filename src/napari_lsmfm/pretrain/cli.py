@@ -58,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="steps of learning-rate warm-up and of the warm-up mask ratio")
     p.add_argument(
         "--objectives", default=",".join(defaults.objectives),
-        help=f"comma-separated subset of {','.join(OBJECTIVES)} (default: all)",
+        help=f"comma-separated subset of {','.join(OBJECTIVES)} (default: the published "
+        "recipe, recon,distill,align,clip; structure needs the synthetic corpus)",
     )
     p.add_argument("--masking", choices=("cube", "intensity"), default=defaults.masking,
                    help="cube: uniform; intensity: masks drawn where the signal is")
@@ -76,6 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in OUT, or from CHECKPOINT")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh even if OUT holds a model or checkpoints")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from this saved foundation model's weights (a fresh optimizer "
+                        "and teacher); to continue an interrupted run use --resume")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default=defaults.amp,
@@ -139,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         num_workers=args.workers,
         spec=_spec(args.arch),
         text_model=args.text_model,
+        init=args.init,
     )
 
 

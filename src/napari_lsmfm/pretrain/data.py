@@ -42,11 +42,14 @@ class Patch:
     image: (C, D, H, W) float32, normalised to [0, 1] per channel.
     labels: one caption label per channel, or None where the volume has no caption.
     source: where it came from (relative path or synthetic volume name), for logs.
+    mask: (D, H, W) float32 structure mask (1 = structure, 0 = background) where the
+        source knows it (the synthetic corpus), else None; trains the "structure" objective.
     """
 
     image: np.ndarray
     labels: list[str | None]
     source: str
+    mask: np.ndarray | None = None
 
 
 class PatchSource(Protocol):
@@ -57,6 +60,9 @@ class PatchSource(Protocol):
 
     @property
     def has_captions(self) -> bool: ...
+
+    @property
+    def has_masks(self) -> bool: ...
 
     def sample(self, rng: np.random.Generator) -> Patch: ...
 
@@ -83,12 +89,17 @@ def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return np.pad(array, pads) if any(p for _, p in pads) else array
 
 
-def _flip_lateral(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # Flips of Y and X only: the axial (Z) PSF and the light-sheet stripes are not symmetric.
+def _flip_lateral(image: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None):
+    """Random flips of Y and X only: the axial (Z) PSF and the light-sheet stripes are not
+    symmetric. With ``mask``, it gets the same flips and ``(image, mask)`` is returned."""
     for axis in (-2, -1):
         if rng.random() < 0.5:
             image = np.flip(image, axis)
-    return np.ascontiguousarray(image)
+            if mask is not None:
+                mask = np.flip(mask, axis)
+    if mask is None:
+        return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
 
 
 # --------------------------------------------------------------------------- files
@@ -212,6 +223,11 @@ class PatchDataset:
         """Whether any volume (or channel) has a caption label."""
         return any(label is not None for e in self.entries for label in e.labels)
 
+    @property
+    def has_masks(self) -> bool:
+        """Unlabelled volumes: no structure masks."""
+        return False
+
     def sample(self, rng: np.random.Generator) -> Patch:
         """A random patch of a random volume (volumes equally likely), randomly flipped in Y/X."""
         index = int(rng.integers(len(self.entries)))
@@ -281,10 +297,15 @@ class SyntheticCorpus:
         self.volume_shape = as_patch_size(volume_shape)
         self.seed = int(seed)
         self.captions = CaptionTable.synthetic(self.kinds)
-        self._cache: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
+        self._cache: dict[int, tuple[np.ndarray, tuple[float, float], np.ndarray]] = {}
 
     @property
     def has_captions(self) -> bool:
+        return True
+
+    @property
+    def has_masks(self) -> bool:
+        """The ground-truth structure of every volume is known (``make_volume``'s labels)."""
         return True
 
     def volume_params(self, j: int) -> dict:
@@ -307,24 +328,27 @@ class SyntheticCorpus:
             "illumination": float(rng.uniform(0.0, 0.6)),
         }
 
-    def _volume(self, j: int) -> tuple[np.ndarray, tuple[float, float]]:
+    def _volume(self, j: int) -> tuple[np.ndarray, tuple[float, float], np.ndarray]:
         if j not in self._cache:
             from napari_lsmfm.synth import make_volume
 
-            image = make_volume(**self.volume_params(j)).image
-            self._cache[j] = (image, percentile_range(image))
+            volume = make_volume(**self.volume_params(j))
+            image = volume.image
+            self._cache[j] = (image, percentile_range(image), volume.labels > 0)
         return self._cache[j]
 
     def sample(self, rng: np.random.Generator) -> Patch:
-        """A random patch of a random volume, randomly flipped in Y/X."""
+        """A random patch of a random volume and its structure mask, randomly flipped in Y/X."""
         j = int(rng.integers(self.n_volumes))
-        image, intensity_range = self._volume(j)
+        image, intensity_range, structure = self._volume(j)
         corner = [_corner(rng, s, p) for s, p in zip(image.shape, self.patch_size, strict=True)]
         region = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_size, strict=True))
         patch = normalize_intensity(image[region], intensity_range=intensity_range)
         patch = _pad_to(patch[None], self.patch_size)
+        mask = _pad_to(structure[region][None].astype(np.float32), self.patch_size)[0]
         kind = self.kinds[j % len(self.kinds)]
-        return Patch(_flip_lateral(patch, rng), [kind], f"synthetic/{kind}/{j:04d}")
+        patch, mask = _flip_lateral(patch, rng, mask)
+        return Patch(patch, [kind], f"synthetic/{kind}/{j:04d}", mask)
 
     def describe(self) -> dict:
         return {
@@ -375,7 +399,8 @@ class BatchStream(torch.utils.data.Dataset):
 
     An item is a dict: ``images`` a list of B float32 tensors (C_i, D, H, W); ``labels`` a
     list of per-channel label lists; ``texts`` the description drawn for each channel (None
-    without caption); ``label_ids`` per channel (-1 without caption); ``sources``.
+    without caption); ``label_ids`` per channel (-1 without caption); ``sources``;
+    ``masks`` one (D, H, W) float32 structure-mask tensor or None per patch.
     Items depend only on (seed, rank, step), so a ``DataLoader(stream, batch_size=None,
     sampler=range(start, stop), num_workers=n)`` gives the same batches for any n.
     """
@@ -396,7 +421,7 @@ class BatchStream(torch.utils.data.Dataset):
         return self.steps
 
     def __getitem__(self, step: int) -> dict:
-        images, labels, texts, ids, sources = [], [], [], [], []
+        images, labels, texts, ids, sources, masks = [], [], [], [], [], []
         for i in range(self.batch_size):
             rng = np.random.default_rng([self.seed, self.rank, int(step), i])
             patch = self.source.sample(rng)
@@ -411,10 +436,12 @@ class BatchStream(torch.utils.data.Dataset):
                     texts.append(options[int(rng.integers(len(options)))])
                     ids.append(self._label_ids[label])
             sources.append(patch.source)
+            masks.append(None if patch.mask is None else torch.from_numpy(patch.mask))
         return {
             "images": images,
             "labels": labels,
             "texts": texts,
             "label_ids": torch.tensor(ids, dtype=torch.long),
             "sources": sources,
+            "masks": masks,
         }

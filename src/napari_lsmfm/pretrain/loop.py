@@ -7,6 +7,8 @@ patches and the teacher on the full ones, and minimise a weighted sum of
 - ``distill``: KL between teacher and student feature distributions on masked voxels,
 - ``align``: cosine distance between each image embedding and its caption's,
 - ``clip``: symmetric InfoNCE between image and caption embeddings (learnable temperature),
+- ``structure`` (ours, opt-in): BCE + soft Dice of a linear read-out of the dense features
+  against the structure mask, where the data know it (the synthetic corpus),
 
 then move the teacher towards the student (EMA). Runs on one device, or on several under
 ``torchrun`` (PyTorch DDP: NCCL on CUDA, gloo on CPU), in bf16 autocast on CUDA. Rank 0
@@ -52,16 +54,21 @@ from .objectives import (
     LOGIT_SCALE_INIT,
     LOGIT_SCALE_MAX,
     ReconstructionHead,
+    StructureHead,
     alignment_loss,
     clip_loss,
     distillation_loss,
     ema_update,
+    structure_loss,
 )
 
-OBJECTIVES = ("recon", "distill", "align", "clip")
+OBJECTIVES = ("recon", "distill", "align", "clip", "structure")
+# The published recipe's objectives (the default); "structure" needs data with masks.
+PUBLISHED_OBJECTIVES = ("recon", "distill", "align", "clip")
 TEXT_OBJECTIVES = ("align", "clip")
-# The published recipe's loss weights.
-DEFAULT_LOSS_WEIGHTS = {"distill": 0.5, "recon": 0.3, "align": 0.05, "clip": 0.3}
+# The published recipe's loss weights, plus ours for "structure".
+DEFAULT_LOSS_WEIGHTS = {"distill": 0.5, "recon": 0.3, "align": 0.05, "clip": 0.3,
+                        "structure": 0.5}
 # The embedded default backbone: small enough to finetune on a laptop CPU (see README).
 DEFAULT_SPEC = {
     "architecture": "unet",
@@ -103,7 +110,9 @@ class PretrainConfig:
     ``warmup_steps``. cube_sizes: cube edges in voxels, one drawn per patch.
     masking: "cube" (uniform) or "intensity" (where the signal is). channel_separated: a
     different mask per channel of multichannel data.
-    objectives: any of "recon", "distill", "align", "clip". loss_weights: per objective.
+    objectives: any of "recon", "distill", "align", "clip" (the published recipe, the
+    default) and "structure" (needs a source with structure masks: the synthetic corpus).
+    loss_weights: per objective.
     ema_decay: teacher momentum. teacher_temp, student_temp: distillation temperatures.
     recon_kernel: kernel of the reconstruction head's first two convolutions (1 or 3).
     grad_clip: max gradient norm (None: off). checkpoint_every: steps between checkpoints
@@ -120,6 +129,10 @@ class PretrainConfig:
     vocab.txt; needs ``transformers``) used as the text tower instead of ours, as in the
     published model: frozen during the warm-up, then its top ``text_trainable_layers``
     layers train at ``text_lr_scale * lr``.
+    init: a saved Foundation folder (or model.safetensors) the student starts from instead
+    of random weights (its architecture and text tower replace ``spec``); the optimizer
+    and the teacher start afresh. For continuing a finished model with other objectives;
+    an interrupted run continues with ``resume`` instead.
     """
 
     steps: int = 3000
@@ -134,7 +147,7 @@ class PretrainConfig:
     cube_sizes: tuple[int, ...] = (8, 16)
     masking: str = "cube"
     channel_separated: bool = False
-    objectives: tuple[str, ...] = OBJECTIVES
+    objectives: tuple[str, ...] = PUBLISHED_OBJECTIVES
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
     ema_decay: float = 0.994
     teacher_temp: float = 0.025
@@ -156,6 +169,7 @@ class PretrainConfig:
     text_model: str | None = None
     text_trainable_layers: int = 4
     text_lr_scale: float = 0.1
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.objectives, str):
@@ -204,12 +218,13 @@ class PretrainConfig:
 
 class PretrainModel(nn.Module):
     """What the optimizer trains (and DDP wraps): the student Foundation, the reconstruction
-    head and the CLIP temperature. ``forward(x, texts, voxels)`` returns dense features
-    (N, E, D, H, W), the reconstruction at the ``voxels`` (N, D, H, W bool) as (M, 1) or
-    None, image embeddings (N, P) or None and text embeddings (T, P) or None (both
-    L2-normalised)."""
+    head, the CLIP temperature and the structure head. ``forward(x, texts, voxels)``
+    returns dense features (N, E, D, H, W), the reconstruction at the ``voxels``
+    (N, D, H, W bool) as (M, 1) or None, image embeddings (N, P) or None, text embeddings
+    (T, P) or None (both L2-normalised) and structure logits (N, 1, D, H, W) or None."""
 
-    def __init__(self, student: Foundation, recon_kernel: int | None, clip: bool) -> None:
+    def __init__(self, student: Foundation, recon_kernel: int | None, clip: bool,
+                 structure: bool = False) -> None:
         super().__init__()
         self.student = student
         self.recon_head = (
@@ -218,6 +233,7 @@ class PretrainModel(nn.Module):
             else None
         )
         self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT)) if clip else None
+        self.structure_head = StructureHead(student.spec.embed_dim) if structure else None
 
     def forward(
         self,
@@ -233,7 +249,8 @@ class PretrainModel(nn.Module):
         if texts is not None:
             image = self.student.pool_embedding(dense)  # the embedding embed_image returns
             text = F.normalize(self.student.text_tower(list(texts)).float(), dim=-1)
-        return dense, recon, image, text
+        structure = self.structure_head(dense) if self.structure_head is not None else None
+        return dense, recon, image, text, structure
 
 
 def build_student(config: PretrainConfig, captions_texts: Sequence[str]) -> Foundation:
@@ -308,6 +325,24 @@ def _student_from_spec(spec: FoundationSpec, config: PretrainConfig) -> Foundati
         vocab = Path(config.text_model) / "vocab.txt" if config.text_model else None
         tower = TextTower.from_config(spec.text, vocab=vocab)
     return Foundation(spec, text_tower=tower)
+
+
+def _student_from_init(config: PretrainConfig, objectives: Sequence[str]) -> Foundation:
+    """The student for ``config.init``: a saved Foundation, read on the CPU."""
+    from napari_lsmfm.model import load_foundation
+
+    try:
+        student = load_foundation(config.init, device="cpu")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--init {config.init}: not a readable foundation model ({exc})") from None
+    if any(o in objectives for o in TEXT_OBJECTIVES) and student.text_tower is None:
+        raise ValueError(
+            f"--init {config.init} has no text tower, but align / clip were asked for; "
+            "drop them (--objectives recon,distill,...) or start afresh"
+        )
+    if student.text_tower is not None and student.text_tower.kind == "bert":
+        raise ValueError("--init with a BERT text tower is not supported; start afresh")
+    return student.train()
 
 
 def _text_encoder_groups(student: Foundation, config: PretrainConfig) -> list[nn.Parameter]:
@@ -546,12 +581,25 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
                 "only image-text objectives were asked for but the data have no captions; "
                 "give a captions JSON (--captions) or add recon / distill"
             )
+    if "structure" in objectives and not getattr(source, "has_masks", False):
+        objectives = [o for o in objectives if o != "structure"]
+        notes.append("the data have no structure masks: structure switched off")
+        if not objectives:
+            raise ValueError(
+                "only the structure objective was asked for but the data have no structure "
+                "masks (only the synthetic corpus has them); add recon / distill"
+            )
     run_config = PretrainConfig.from_dict({**config.to_dict(), "objectives": objectives})
 
     # The same seed gives the same initial weights on every rank (DDP also broadcasts them).
     torch.manual_seed(run_config.seed)
     if state is not None:
         student = _student_from_spec(FoundationSpec.from_dict(state["spec"]), run_config)
+    elif run_config.init:
+        student = _student_from_init(run_config, objectives)
+        notes.append(f"started from the weights in {run_config.init}")
+        run_config.spec = {k: v for k, v in student.spec.to_dict().items()
+                           if k not in ("variant", "text", "proj_dim")}
     else:
         student = build_student(run_config, source.captions.texts())
     use_text = student.text_tower is not None and any(o in objectives for o in TEXT_OBJECTIVES)
@@ -559,6 +607,7 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: _World
         student,
         run_config.recon_kernel if "recon" in objectives else None,
         clip="clip" in objectives,
+        structure="structure" in objectives,
     ).to(device)
     teacher = _teacher_of(student).to(device) if "distill" in objectives else None
     start_step = 0
@@ -858,7 +907,7 @@ def _train_step(
     terms: dict[str, torch.Tensor] = {}
     with autocast:
         voxels = mask[:, 0]
-        dense, recon, image_emb, text_emb = net(
+        dense, recon, image_emb, text_emb, structure = net(
             apply_mask(x, mask), texts, voxels if "recon" in objectives else None
         )
         if "recon" in objectives:
@@ -873,6 +922,23 @@ def _train_step(
             terms["distill"] = distillation_loss(
                 dense, target, mask, config.student_temp, config.teacher_temp
             )
+        if "structure" in objectives:
+            # Items (channels) of patches with a mask; the others do not count.
+            targets, rows = [], []
+            item = 0
+            masks = batch.get("masks") or [None] * len(batch["images"])
+            for image, m in zip(batch["images"], masks, strict=True):
+                for _ in range(image.shape[0]):
+                    if m is not None:
+                        targets.append(m)
+                        rows.append(item)
+                    item += 1
+            if rows:
+                pick = torch.tensor(rows, dtype=torch.long, device=device)
+                target = torch.stack(targets).unsqueeze(1).to(device).float()
+                terms["structure"] = structure_loss(structure.index_select(0, pick), target)
+            else:
+                terms["structure"] = structure.sum() * 0.0
     zero = dense.new_zeros(())
     if use_text:
         first = {}

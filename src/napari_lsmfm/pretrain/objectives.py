@@ -5,7 +5,10 @@
   distributions (L2-normalised features, sharpened by temperatures), on masked voxels;
 - image-text alignment: cosine distance between an image embedding and its caption's;
 - CLIP: symmetric InfoNCE with a learnable temperature, where batch items that share a
-  caption count as positives of each other.
+  caption count as positives of each other;
+- structure (ours, not in the published recipe): binary cross-entropy + soft Dice of a 1x1x1
+  head on the dense features against the structure mask, where the data know it (the
+  synthetic corpus), so the features mark what is structure and where its border lies.
 """
 
 from __future__ import annotations
@@ -99,6 +102,29 @@ def distillation_loss(
     log_q = F.log_softmax(s, dim=-1)
     log_p = F.log_softmax(t, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+class StructureHead(nn.Module):
+    """1x1x1 convolution from the dense features (B, embed_dim, D, H, W) to one structure
+    logit per voxel: a linear read-out, so the features themselves must carry the mask."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(embed_dim, 1, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.conv(features)
+
+
+def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice (MONAI, over the whole batch) of structure logits
+    (N, 1, D, H, W) against a 0/1 mask of the same shape."""
+    from monai.losses import DiceLoss
+
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
+    return bce + dice
 
 
 def alignment_loss(image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:

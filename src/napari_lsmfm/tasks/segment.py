@@ -13,13 +13,17 @@ Two modes, one :class:`Segmenter`:
   engine and cached as float16. A per-voxel MLP (:class:`~.heads.VoxelHead`) is
   trained on the brushed voxels only (cross-entropy, class-balanced), which takes
   seconds, so it can be retrained live as strokes come in.
-- full: a copy of the backbone plus a conv head (:class:`~.heads.DenseHead`) is
-  finetuned on patches centred on brushed voxels, with flips, in-plane (YX) 90 degree
-  rotations and intensity jitter (no rotation mixes the anisotropic z axis). Loss:
-  cross-entropy with ``ignore_index`` plus MONAI's ``MaskedDiceLoss``, both counting
-  annotated voxels only. The encoder is frozen for the first ``freeze_steps``, then
-  trained at ``encoder_lr_scale`` x the learning rate (the published recipe); batch-norm
-  statistics stay frozen.
+- full: starts where quick mode ends and finetunes the backbone. A quick fit gives the
+  per-voxel head; the network is then a copy of the backbone whose dense features,
+  with the same classical filters, feed that head, so at step 0 it predicts exactly what
+  quick mode predicts. It is finetuned on patches centred on brushed voxels, with flips,
+  in-plane (YX) 90 degree rotations and intensity jitter (no rotation mixes the
+  anisotropic z axis). Loss: cross-entropy with ``ignore_index`` (plus MONAI's
+  ``MaskedDiceLoss`` when ``dice_weight`` > 0), counting annotated voxels only. The
+  encoder is frozen for the first ``freeze_steps``, then trained at
+  ``encoder_lr_scale`` x the learning rate (the published recipe); batch-norm statistics
+  stay frozen. The best weights by the loss on held-back patches are kept, the quick
+  starting point included.
 
 Prediction runs over the whole volume window by window (:mod:`napari_lsmfm.inference`),
 reading a dask / zarr input a block at a time and writing numpy or zarr outputs, so a
@@ -57,7 +61,6 @@ from napari_lsmfm.workers.job import Cancelled, span
 
 from .filters import filter_bank, n_channels
 from .heads import (
-    DenseHead,
     VoxelHead,
     check_foundation,
     foundation_record,
@@ -583,15 +586,30 @@ def _is_encoder(name: str, architecture: str) -> bool:
 
 
 class _FullNet(nn.Module):
-    """Backbone copy + conv head on [dense features, normalised intensity]."""
+    """A trainable backbone copy whose dense features, with the quick mode's classical
+    filters, feed the quick mode's per-voxel head: (B, 1, z, y, x) -> (B, n_out, z, y, x).
 
-    def __init__(self, foundation: Any, n_out: int, hidden: int) -> None:
+    Built from a quick-mode head, it starts as that quick model; finetuning then moves
+    the backbone (and the head) on from there."""
+
+    def __init__(self, foundation: Any, head: VoxelHead, sigmas: Sequence[float],
+                 spacing: Sequence[float]) -> None:
         super().__init__()
         self.foundation = foundation
-        self.head = DenseHead(foundation.spec.embed_dim + 1, n_out, hidden)
+        self.head = head
+        self.sigmas = tuple(float(v) for v in sigmas)
+        self.spacing = tuple(float(v) for v in spacing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.foundation(x), x], 1))
+        with torch.no_grad():  # fixed filters: no gradient to compute
+            filters = filter_bank(x, self.sigmas, self.spacing)
+        z = torch.cat([self.foundation(x), filters.to(x.dtype)], 1)
+        flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+        logits = self.head(flat.float())
+        return logits.reshape(*z.shape[:1], *z.shape[2:], -1).movedim(-1, 1)
+
+    def settings(self) -> dict:
+        return {"sigmas": list(self.sigmas), "spacing": list(self.spacing)}
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -684,6 +702,7 @@ class Segmenter:
         self._cache: dict[tuple, dict] = {}
         self._ranges: dict[tuple, tuple[float, float]] = {}
         self._features = QuickFeatures(foundation, config) if config.mode == "quick" else None
+        self._quick: Segmenter | None = None  # full mode: the quick fit it starts from
 
     # --------------------------------------------------------------- properties
 
@@ -875,11 +894,17 @@ class Segmenter:
             raise ValueError(f"class_weights needs {n_out} values (background first), got {len(w)}")
         return torch.from_numpy(w)
 
-    def _train_loop(self, module: nn.Module, steps: int, ctx, *, step_fn, evaluate, commit) -> dict:
+    def _train_loop(self, module: nn.Module, steps: int, ctx, *, step_fn, evaluate, commit,
+                    start_best: bool = False) -> dict:
         """Run ``steps`` training steps; keep the best weights (by ``evaluate``) and commit
-        them at the end or when cancelled."""
+        them at the end or when cancelled. ``start_best``: the starting weights compete
+        too (a full-mode fit never ends worse, by that loss, than the quick model it
+        started from)."""
         history: list[float] = []
         best_loss, best_state = math.inf, None
+        if start_best:
+            best_loss = evaluate()
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         stopped = False
         every = max(1, int(self.config.eval_every))
         try:
@@ -914,6 +939,19 @@ class Segmenter:
 
     # ----------------------------------------------------------------- full mode
 
+    def _quick_start(self, image, sparse: SparseLabels, ctx) -> tuple[VoxelHead, dict]:
+        """The quick-mode fit a full-mode fit starts from (features cached in ``self._quick``,
+        so refits with more strokes reuse them)."""
+        cfg = self.config
+        quick_cfg = SegmentConfig.from_dict({
+            **cfg.to_dict(), "mode": "quick", "steps": None, "lr": None, "batch_size": None,
+            "feature_levels": [0], "warm_start": False,
+        })
+        if self._quick is None or self._quick.config != quick_cfg:
+            self._quick = Segmenter(self.foundation, quick_cfg)
+        out = self._quick.fit(image, sparse, ctx)
+        return copy.deepcopy(self._quick.head), out
+
     def _fit_full(self, image, sparse: SparseLabels, irange, ctx) -> dict:
         from monai.losses import MaskedDiceLoss
 
@@ -923,12 +961,19 @@ class Segmenter:
         classes = sparse.classes
         n_out = len(classes) + 1
         device = resolve_device(cfg.device) if cfg.device else self.foundation.device
-        torch.manual_seed(cfg.seed)
+        spacing = tuple(cfg.voxel_size) if cfg.voxel_size else (1.0, 1.0, 1.0)
         if self.net is not None and self.classes == classes and cfg.warm_start:
             net = copy.deepcopy(self.net)
         else:
-            backbone = copy.deepcopy(self.foundation)
-            net = _FullNet(backbone, n_out, cfg.hidden)
+            head, quick = self._quick_start(image, sparse, span(ctx, 0.0, 0.15))
+            net = _FullNet(copy.deepcopy(self.foundation), head, cfg.sigmas, spacing)
+            if quick["stopped"]:  # stopped already during the quick fit: that model it is
+                net.foundation.to_device(device)
+                self._commit_full(net.to(device), classes)
+                self.history, self.best_loss = quick["history"], quick["best_loss"]
+                return {**quick, "stopped": True}
+        ctx = span(ctx, 0.15, 1.0)
+        torch.manual_seed(cfg.seed)
         net.foundation.to_device(device)
         net.to(device)
         targets = sparse.targets(classes)
@@ -953,7 +998,10 @@ class Segmenter:
             p.requires_grad_(freeze <= 0)
         fp16 = getattr(net.foundation, "_amp_dtype", None) == torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=bool(fp16 and device.type == "cuda"))
-        eval_batch = sampler.sample(min(4, max(2, cfg.batch)))
+        # A fixed set of patches (their own draw, no augmentation) picks the best weights.
+        eval_sampler = _PatchSampler(image, irange, sparse, targets, cfg.patch_size,
+                                     np.random.default_rng(cfg.seed + 1), False)
+        eval_batch = eval_sampler.sample(min(4, max(2, cfg.batch)))
 
         def step_fn() -> float:
             step = len(self_history)
@@ -997,7 +1045,7 @@ class Segmenter:
         self_history: list[float] = []
         return self._train_loop(
             net, steps, ctx, step_fn=step_fn, evaluate=evaluate,
-            commit=lambda module: self._commit_full(module, classes),
+            commit=lambda module: self._commit_full(module, classes), start_best=True,
         )
 
     @staticmethod
@@ -1252,6 +1300,7 @@ class Segmenter:
             parts = {"head": self.head.state_dict()}
         else:
             config["head"] = self.net.head.settings()
+            config["features"] = self.net.settings()
             parts = {"head": self.net.head.state_dict(),
                      "backbone": self.net.foundation.backbone.state_dict()}
         return save_task_model(folder, task="segment", config=config, parts=parts,
@@ -1286,10 +1335,10 @@ class Segmenter:
         seg.classes = tuple(int(c) for c in config["classes"])
         seg.best_loss = config.get("best_loss")
         head_cfg = config["head"]
+        head = VoxelHead(head_cfg["in_channels"], head_cfg["n_out"], head_cfg["hidden"],
+                         head_cfg.get("depth", 2), head_cfg.get("dropout", 0.0))
+        head.load_state_dict(parts["head"])
         if mode == "quick":
-            head = VoxelHead(head_cfg["in_channels"], head_cfg["n_out"], head_cfg["hidden"],
-                             head_cfg.get("depth", 2), head_cfg.get("dropout", 0.0))
-            head.load_state_dict(parts["head"])
             if head.in_channels != seg._features.channels:
                 raise ValueError(
                     f"{folder}: the head reads {head.in_channels} features but these settings "
@@ -1299,8 +1348,8 @@ class Segmenter:
         else:
             backbone = copy.deepcopy(foundation)
             backbone.backbone.load_state_dict(parts["backbone"])
-            net = _FullNet(backbone, head_cfg["n_out"], head_cfg["hidden"])
-            net.head.load_state_dict(parts["head"])
+            feats = config["features"]
+            net = _FullNet(backbone, head, feats["sigmas"], feats["spacing"])
             target = cfg.device or foundation.device
             net.foundation.to_device(target)
             net.to(net.foundation.device)
