@@ -77,6 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in OUT, or from CHECKPOINT")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh even if OUT holds a model or checkpoints")
+    p.add_argument("--loss-weights", default=None, metavar="NAME=W,...",
+                   help="override objectives' loss weights, e.g. structure=2,clip=0.3 "
+                        "(defaults: the published recipe; structure 0.5)")
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="start from this saved foundation model's weights (a fresh optimizer "
                         "and teacher); to continue an interrupted run use --resume")
@@ -144,7 +147,26 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         spec=_spec(args.arch),
         text_model=args.text_model,
         init=args.init,
+        loss_weights=_loss_weights(args.loss_weights),
     )
+
+
+def _loss_weights(text: str | None) -> dict[str, float]:
+    from .loop import DEFAULT_LOSS_WEIGHTS
+
+    out = dict(DEFAULT_LOSS_WEIGHTS)
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in OBJECTIVES:
+            raise ValueError(
+                f"--loss-weights takes NAME=WEIGHT pairs with NAME one of {', '.join(OBJECTIVES)}; "
+                f"got {item!r}"
+            )
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss-weights: {value!r} is not a number") from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

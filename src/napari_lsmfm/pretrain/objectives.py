@@ -118,7 +118,9 @@ class StructureHead(nn.Module):
 
 def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy + soft Dice (MONAI, over the whole batch) of structure logits
-    (N, 1, D, H, W) against a 0/1 mask of the same shape."""
+    (N, 1, D, H, W) against a 0/1 mask of the same shape, over every voxel. Masked cubes
+    hide structure from the student, so runs that train this objective for its features
+    turn masking off (``mask_ratio`` 0; see the default model's card)."""
     from monai.losses import DiceLoss
 
     logits = logits.float()
