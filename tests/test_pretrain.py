@@ -487,6 +487,17 @@ def test_pretrain_cli_synthetic(tmp_path, capsys):
     assert cli.main([*args, "--resume"]) == 0  # already done: rewrites the same model
     with pytest.raises(ValueError, match="objectives"):
         cli.main([*common, "--objectives", "recon,teleport", "--overwrite"])
+    # continue the model with the structure objective, weighted from the command line
+    again = [*common[:5], str(tmp_path / "m2"), *common[6:], "--init", str(out),
+             "--objectives", "recon,structure", "--loss-weights", "structure=2,recon=0.1"]
+    assert cli.main(again) == 0
+    record = json.loads((tmp_path / "m2" / "config.json").read_text())["training"]
+    assert record["config"]["loss_weights"]["structure"] == 2.0
+    assert record["config"]["loss_weights"]["recon"] == 0.1
+    assert record["config"]["init"] == str(out)
+    for bad in ("structure", "teleport=1", "structure=heavy"):
+        with pytest.raises(ValueError, match="loss-weights"):
+            cli.main([*again, "--overwrite", "--loss-weights", bad])
 
 
 def test_optional_bert_text_tower(tmp_path, corpus):

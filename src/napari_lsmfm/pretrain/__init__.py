@@ -37,11 +37,13 @@ from .loop import (
 from .masking import apply_mask, cube_mask, mask_ratio_at
 from .objectives import (
     ReconstructionHead,
+    StructureHead,
     alignment_loss,
     clip_loss,
     distillation_loss,
     ema_update,
     masked_l1,
+    structure_loss,
 )
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "PretrainConfig",
     "PretrainModel",
     "ReconstructionHead",
+    "StructureHead",
     "SyntheticCorpus",
     "alignment_loss",
     "apply_mask",
@@ -75,5 +78,6 @@ __all__ = [
     "masked_l1",
     "open_source",
     "pretrain",
+    "structure_loss",
     "weights_digest",
 ]
