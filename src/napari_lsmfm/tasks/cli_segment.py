@@ -43,7 +43,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
              "default: the embedded model",
     )
     p.add_argument("--mode", choices=("quick", "full"), default=None,
-                   help="quick (frozen features + small head, default) or full (finetune)")
+                   help="quick (frozen features + small head, default) or full (starts from "
+                        "the quick model, then finetunes the backbone; GPU recommended)")
     p.add_argument("--out", required=True, help="class map: OUT.tif or OUT.zarr")
     p.add_argument("--probabilities", help="per-class probabilities (C, Z, Y, X): .tif or .zarr")
     p.add_argument("--prob-dtype", choices=("float32", "float16", "uint8"), default="float32",

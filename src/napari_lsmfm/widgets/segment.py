@@ -67,7 +67,8 @@ class SegmentWidget(QWidget):
         self.mode_combo.addItems(["quick", "full"])
         self.mode_combo.setToolTip(
             "quick: frozen foundation features + a small head (seconds on a CPU)\n"
-            "full: finetune decoder and encoder (GPU recommended)"
+            "full: start from the quick model, then finetune decoder and encoder "
+            "(GPU recommended)"
         )
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(10, 100_000)
