@@ -128,6 +128,16 @@ def test_several_classes_keep_their_values(foundation):
     assert dice(result.classes == 3, truth == 3) > 0.4  # measured 0.52
 
 
+def test_head_decay_shrinks_as_the_rarest_class_grows(foundation):
+    seg = Segmenter(foundation, weight_decay=0.01, decay_reference=500)
+    few = np.array([0] * 5000 + [1] * 100)  # background and 100 structure voxels
+    many = np.array([0] * 5000 + [1] * 2000)
+    assert seg._head_decay(few, 2) == pytest.approx(0.01)
+    assert seg._head_decay(many, 2) == pytest.approx(0.0025)
+    fixed = Segmenter(foundation, weight_decay=0.01, decay_reference=None)
+    assert fixed._head_decay(many, 2) == pytest.approx(0.01)
+
+
 def test_uncertainty_points_to_where_strokes_help(nuclei):
     result, test = nuclei["result"], nuclei["test"]
     u = result.uncertainty

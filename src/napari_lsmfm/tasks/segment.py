@@ -347,7 +347,11 @@ class SegmentConfig:
     voxel_size: (z, y, x) micrometres, for the anisotropy of filters, augmentations and
         instance splitting; None = isotropic.
     hidden / dropout / weight_decay: width of the head, dropout on its inputs (quick
-        mode) and AdamW-style decay.
+        mode) and its L2 weight decay.
+    decay_reference: the quick head's weight decay shrinks as the rarest brushed class
+        grows beyond this many voxels (``weight_decay * min(1, decay_reference / n)``):
+        a few strokes need a strong prior, many strokes speak for themselves. None or 0
+        keeps ``weight_decay`` fixed.
     class_weights: None (every annotated voxel counts the same; measured best on the
         synthetic benchmarks), "balanced" (inverse frequency of the annotated voxels) or
         one weight per class (background first).
@@ -381,6 +385,7 @@ class SegmentConfig:
     hidden: int = 32
     dropout: float = 0.0
     weight_decay: float = 1e-2
+    decay_reference: int | None = 500
     class_weights: Any = None
     freeze_steps: int | None = None
     encoder_lr_scale: float = 0.2
@@ -843,7 +848,7 @@ class Segmenter:
             rng.choice(n, size=min(n, 65536), replace=False)
         ).to(X.device)
         opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=self._head_decay(targets, n_out))
         steps = cfg.n_steps
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=steps, eta_min=0.1 * cfg.learning_rate
@@ -863,6 +868,15 @@ class Segmenter:
                 evaluate=evaluate,
                 commit=lambda best: self._commit_quick(best, classes),
             )
+
+    def _head_decay(self, targets: np.ndarray, n_out: int) -> float:
+        """The quick head's weight decay for these strokes (see ``decay_reference``)."""
+        cfg = self.config
+        if not cfg.decay_reference:
+            return float(cfg.weight_decay)
+        counts = np.bincount(targets[targets >= 0], minlength=n_out)
+        rarest = int(counts[counts > 0].min()) if (counts > 0).any() else 1
+        return float(cfg.weight_decay) * min(1.0, cfg.decay_reference / max(rarest, 1))
 
     def _quick_step(self, head, opt, sched, X, Y, weights, rng) -> float:
         idx = torch.from_numpy(rng.integers(len(X), size=min(self.config.batch, len(X))))
