@@ -152,9 +152,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 
 
 def _loss_weights(text: str | None) -> dict[str, float]:
-    from .loop import DEFAULT_LOSS_WEIGHTS
-
-    out = dict(DEFAULT_LOSS_WEIGHTS)
+    """The ``--loss-weights`` overrides (PretrainConfig fills in the other defaults)."""
+    out: dict[str, float] = {}
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
         name, sep, value = item.partition("=")
         if not sep or name.strip() not in OBJECTIVES:

@@ -22,8 +22,8 @@ Two modes, one :class:`Segmenter`:
   ``MaskedDiceLoss`` when ``dice_weight`` > 0), counting annotated voxels only. The
   encoder is frozen for the first ``freeze_steps``, then trained at
   ``encoder_lr_scale`` x the learning rate (the published recipe); batch-norm statistics
-  stay frozen. The best weights by the loss on held-back patches are kept, the quick
-  starting point included.
+  stay frozen. The best weights by the loss on a fixed, unaugmented set of patches
+  around the strokes are kept, the quick starting point included.
 
 Prediction runs over the whole volume window by window (:mod:`napari_lsmfm.inference`),
 reading a dask / zarr input a block at a time and writing numpy or zarr outputs, so a
@@ -975,12 +975,12 @@ class Segmenter:
         classes = sparse.classes
         n_out = len(classes) + 1
         device = resolve_device(cfg.device) if cfg.device else self.foundation.device
-        spacing = tuple(cfg.voxel_size) if cfg.voxel_size else (1.0, 1.0, 1.0)
         if self.net is not None and self.classes == classes and cfg.warm_start:
             net = copy.deepcopy(self.net)
         else:
             head, quick = self._quick_start(image, sparse, span(ctx, 0.0, 0.15))
-            net = _FullNet(copy.deepcopy(self.foundation), head, cfg.sigmas, spacing)
+            feats = self._quick._features  # the head reads exactly these filters
+            net = _FullNet(copy.deepcopy(self.foundation), head, feats.sigmas, feats.spacing)
             if quick["stopped"]:  # stopped already during the quick fit: that model it is
                 net.foundation.to_device(device)
                 self._commit_full(net.to(device), classes)
