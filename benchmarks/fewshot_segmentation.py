@@ -2,7 +2,7 @@
 random-forest pixel classifier (the ilastik / napari-apoc approach) on the same strokes.
 
     python benchmarks/fewshot_segmentation.py [--slices 1 2 4 8] [--kinds nuclei vessels plaques]
-        [--weights W] [--full-steps 200] [--quick] [--seed 9001]
+        [--weights W] [--full-steps 200] [--quick] [--seed 9001] [--skip "full, random init"]
 
 Held-out synthetic volumes (seed 9001, never used in training; settings are tuned on
 seed 7001, ``--seed 7001``, so the reported volumes are not the tuned ones). For each
@@ -58,10 +58,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED,
                         help="held-out volumes' seed (7001 for tuning, 9001 to report)")
     parser.add_argument("--quick", action="store_true", help="skip the full mode")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="METHOD",
+                        help='methods to leave out, e.g. --skip "full, random init"')
     parser.add_argument("--shape", type=int, nargs=3, default=[48, 128, 128])
     args = parser.parse_args(argv)
 
     foundation, makers = methods(args.weights, args.full_steps, args.quick_steps, args.quick)
+    optional = [m for m in makers if m not in ("random forest", "quick, default")]
+    if set(args.skip) - set(optional):
+        parser.error(f"--skip takes some of {optional} (the forest and quick mode are the "
+                     "baselines)")
+    makers = {k: v for k, v in makers.items() if k not in args.skip}
     print(f"machine: {machine()}")
     print(f"foundation: {foundation.info()['architecture']} "
           f"{foundation.info()['parameters'] / 1e6:.2f} M parameters, source {foundation.source}")

@@ -201,6 +201,37 @@ def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
     assert any(not torch.equal(original[k], tuned[k]) for k in decoder)
 
 
+
+def test_full_mode_augmentations_keep_intensities_unless_asked():
+    """Geometric augmentation (the default) only moves voxels; "all" also jitters their
+    brightness; strokes move with their voxels either way."""
+    from napari_lsmfm.tasks.segment import _PatchSampler
+
+    vol = make_volume("nuclei", (16, 32, 32), VOXEL, seed=3)
+    sparse = SparseLabels.from_array(brush(vol.labels, slices=(4, 8, 12)), vol.image.shape)
+    targets = sparse.targets(sparse.classes)
+    irange = (float(vol.image.min()), float(vol.image.max()))
+
+    def draw(augment):
+        sampler = _PatchSampler(vol.image, irange, sparse, targets, (16, 32, 32),
+                                np.random.default_rng(0), augment)
+        return sampler.sample(4)
+
+    plain_x, plain_y = draw("none")
+    geo_x, geo_y = draw("geometric")
+    jit_x, _ = draw("all")
+    # the whole volume is the patch: every draw holds the same voxels, moved or not
+    assert np.allclose(np.sort(geo_x.numpy().ravel()), np.sort(plain_x.numpy().ravel()))
+    assert not torch.equal(geo_x, plain_x)
+    assert np.bincount(geo_y.numpy().ravel() + 1).tolist() == np.bincount(
+        plain_y.numpy().ravel() + 1).tolist()
+    assert not np.allclose(np.sort(jit_x.numpy().ravel()), np.sort(plain_x.numpy().ravel()))
+    assert SegmentConfig(augment=True).augment == "all"
+    assert SegmentConfig(augment=False).augment == "none"
+    with pytest.raises(ValueError, match="augment must be one of"):
+        SegmentConfig(augment="elastic")
+
+
 # ------------------------------------------------------------------- stop, save, load
 
 

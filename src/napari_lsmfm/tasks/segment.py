@@ -11,14 +11,16 @@ Two modes, one :class:`Segmenter`:
   difference of Gaussians, Hessian eigenvalues; sigmas scaled by the voxel size so
   anisotropic axes are respected), are computed once per volume with the tiled
   engine and cached as float16. A per-voxel MLP (:class:`~.heads.VoxelHead`) is
-  trained on the brushed voxels only (cross-entropy, class-balanced), which takes
+  trained on the brushed voxels only (cross-entropy, every voxel counting the same), which takes
   seconds, so it can be retrained live as strokes come in.
 - full: starts where quick mode ends and finetunes the backbone. A quick fit gives the
   per-voxel head; the network is then a copy of the backbone whose dense features,
   with the same classical filters, feed that head, so at step 0 it predicts exactly what
-  quick mode predicts. It is finetuned on patches centred on brushed voxels, with flips,
-  in-plane (YX) 90 degree rotations and intensity jitter (no rotation mixes the
-  anisotropic z axis). Loss: cross-entropy with ``ignore_index`` (plus MONAI's
+  quick mode predicts. It is finetuned on patches centred on brushed voxels, with flips
+  and in-plane (YX) 90 degree rotations (no rotation mixes the anisotropic z axis);
+  intensity jitter is opt-in (``augment="all"``): within one volume brightness is a cue
+  (faint puncta against a plaque's dim halo), and jitter taught the network to ignore
+  it (benchmarks/README.md). Loss: cross-entropy with ``ignore_index`` (plus MONAI's
   ``MaskedDiceLoss`` when ``dice_weight`` > 0), counting annotated voxels only. The
   encoder is frozen for the first ``freeze_steps``, then trained at
   ``encoder_lr_scale`` x the learning rate (the published recipe); batch-norm statistics
@@ -79,6 +81,7 @@ __all__ = [
 ]
 
 MODES = ("quick", "full")
+AUGMENTS = ("geometric", "all", "none")
 MAX_CLASSES = 64
 BACKGROUND = 1
 _AXES = "zyx"
@@ -366,7 +369,9 @@ class SegmentConfig:
         are computed at the strokes for training and per block for prediction.
     block_bytes: memory for one block of tiled prediction.
     warm_start: a new fit with the same classes continues from the current weights.
-    augment: full-mode augmentations on/off.
+    augment: full-mode augmentations: "geometric" (flips, in-plane 90 degree turns),
+        "all" (plus gain, offset and noise jitter) or "none"; True / False mean "all" /
+        "none".
     max_samples: quick mode trains on at most this many annotated voxels (drawn evenly
         from every class), so densely painted volumes stay fast and within memory.
     """
@@ -396,7 +401,7 @@ class SegmentConfig:
     cache_bytes: int = 2 * 2**30
     block_bytes: int = 2**30
     warm_start: bool = True
-    augment: bool = True
+    augment: str = "geometric"
     max_samples: int = 500_000
 
     def __post_init__(self) -> None:
@@ -416,6 +421,10 @@ class SegmentConfig:
             raise ValueError(
                 f"feature_blend must be 'gaussian' or 'crop', got {self.feature_blend!r}"
             )
+        if isinstance(self.augment, bool):
+            self.augment = "all" if self.augment else "none"
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         for name in ("steps", "batch_size"):
@@ -627,7 +636,7 @@ class _PatchSampler:
     """Training patches centred (with jitter) on annotated voxels, class-balanced."""
 
     def __init__(self, image: Any, intensity_range, sparse: SparseLabels, targets: np.ndarray,
-                 patch: Sequence[int], rng: np.random.Generator, augment: bool) -> None:
+                 patch: Sequence[int], rng: np.random.Generator, augment: str) -> None:
         self.image = image
         self.lo, self.hi = intensity_range
         self.shape = np.asarray(image.shape)
@@ -657,7 +666,7 @@ class _PatchSampler:
             inside = ((self.coords >= origin) & (self.coords < stop)).all(1)
             local = self.coords[inside] - origin
             lab[local[:, 0], local[:, 1], local[:, 2]] = self.targets[inside]
-            if self.augment:
+            if self.augment != "none":
                 img, lab = self._augment(img, lab)
             xs.append(img)
             ys.append(lab)
@@ -673,11 +682,16 @@ class _PatchSampler:
         if img.shape[1] == img.shape[2]:  # 90 degree turns only within the YX plane
             k = int(rng.integers(4))
             img, lab = np.rot90(img, k, axes=(1, 2)), np.rot90(lab, k, axes=(1, 2))
+        if self.augment == "all":
+            img = self._jitter(img)
+        return np.ascontiguousarray(img), np.ascontiguousarray(lab)
+
+    def _jitter(self, img: np.ndarray) -> np.ndarray:
+        rng = self.rng
         gain = rng.uniform(0.8, 1.25)
         offset = rng.uniform(-0.1, 0.1)
         noise = rng.normal(0, rng.uniform(0, 0.03), img.shape).astype(np.float32)
-        img = np.clip(img * gain + offset + noise, 0, 1).astype(np.float32)
-        return np.ascontiguousarray(img), np.ascontiguousarray(lab)
+        return np.clip(img * gain + offset + noise, 0, 1).astype(np.float32)
 
 
 # ------------------------------------------------------------------------ segmenter
@@ -1014,7 +1028,7 @@ class Segmenter:
         scaler = torch.amp.GradScaler("cuda", enabled=bool(fp16 and device.type == "cuda"))
         # A fixed set of patches (their own draw, no augmentation) picks the best weights.
         eval_sampler = _PatchSampler(image, irange, sparse, targets, cfg.patch_size,
-                                     np.random.default_rng(cfg.seed + 1), False)
+                                     np.random.default_rng(cfg.seed + 1), "none")
         eval_batch = eval_sampler.sample(min(4, max(2, cfg.batch)))
 
         def step_fn() -> float:
