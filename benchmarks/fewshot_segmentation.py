@@ -112,16 +112,17 @@ def main(argv=None) -> int:
     print("\nMean Dice over kinds, per number of brushed slices:")
     print(table(per_n, ["slices", *makers]))
     dice_of = {(r["method"], r["kind"], r["slices"]): r["dice"] for r in rows}
+    n_settings = len(args.kinds) * len(args.slices)
     for name in [m for m in makers if m != "random forest"]:
         wins = sum(dice_of[(name, k, n)] > dice_of[("random forest", k, n)]
                    for k in args.kinds for n in args.slices)
         mean_wins = sum(r[name] > r["random forest"] for r in per_n)
-        print(f"{name}: beats the random forest in {wins} of {len(rows) // len(makers)} "
+        print(f"{name}: beats the random forest in {wins} of {n_settings} "
               f"settings, and in mean Dice at {mean_wins} of {len(per_n)} slice counts")
     if "full, default" in makers:
         wins = sum(dice_of[("full, default", k, n)] > dice_of[("quick, default", k, n)]
                    for k in args.kinds for n in args.slices)
-        print(f"full (default) beats quick (default) in {wins} of {len(rows) // len(makers)} "
+        print(f"full (default) beats quick (default) in {wins} of {n_settings} "
               "settings")
     return 0
 

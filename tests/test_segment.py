@@ -201,7 +201,6 @@ def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
     assert any(not torch.equal(original[k], tuned[k]) for k in decoder)
 
 
-
 def test_full_mode_augmentations_keep_intensities_unless_asked():
     """Geometric augmentation (the default) only moves voxels; "all" also jitters their
     brightness; strokes move with their voxels either way."""

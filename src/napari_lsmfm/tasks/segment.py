@@ -890,7 +890,7 @@ class Segmenter:
             return float(cfg.weight_decay)
         counts = np.bincount(targets[targets >= 0], minlength=n_out)
         rarest = int(counts[counts > 0].min()) if (counts > 0).any() else 1
-        return float(cfg.weight_decay) * min(1.0, cfg.decay_reference / max(rarest, 1))
+        return float(cfg.weight_decay) * min(1.0, cfg.decay_reference / rarest)
 
     def _quick_step(self, head, opt, sched, X, Y, weights, rng) -> float:
         idx = torch.from_numpy(rng.integers(len(X), size=min(self.config.batch, len(X))))
