@@ -101,19 +101,35 @@ class Score:
     predict_s: float
 
 
-def evaluate(method, vol, n_slices: int) -> Score:
+def evaluate(method, vol, n_slices: int, variants=None) -> Score | dict[str, Score]:
     """Train ``method`` (an object with fit(image, brushes) and predict(image) -> result
-    with .classes) on simulated strokes, score it on the whole volume."""
+    with .classes) on simulated strokes, score it on the whole volume.
+
+    ``variants``: {name: fn(method)}: after the main prediction, each fn changes the
+    trained method (say, a prediction setting) and it predicts again; then a dict
+    {"": main score, name: score, ...} is returned (training time shared)."""
     brushes = brush(vol.labels, n_slices)
     t0 = time.perf_counter()
     method.fit(vol.image, brushes)
-    t1 = time.perf_counter()
+    train_s = time.perf_counter() - t0
+    main = _score(method, vol, train_s)
+    if variants is None:
+        return main
+    out = {"": main}
+    for name, change in variants.items():
+        change(method)
+        out[name] = _score(method, vol, train_s)
+    return out
+
+
+def _score(method, vol, train_s: float) -> Score:
+    t0 = time.perf_counter()
     result = method.predict(vol.image)
-    t2 = time.perf_counter()
+    predict_s = time.perf_counter() - t0
     mask = np.asarray(result.classes) == 2
     truth_objects = vol.labels if vol.label_kind == "instance" else ndi.label(vol.labels > 0)[0]
     f1 = object_f1(as_instances(mask, vol.label_kind, vol.voxel_size), truth_objects)
-    return Score(dice(mask, vol.labels > 0), f1, t1 - t0, t2 - t1)
+    return Score(dice(mask, vol.labels > 0), f1, train_s, predict_s)
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

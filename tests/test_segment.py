@@ -186,6 +186,33 @@ def test_full_mode_starts_from_the_quick_model(foundation):
     assert dice(a == 2, c == 2) > 0.97  # only the window blending differs
 
 
+def test_full_mode_averages_the_finetuned_and_the_quick_model(foundation):
+    # Predictions mix the finetuned network's probabilities with the quick model it
+    # started from (weight quick_weight); the quick model stays frozen.
+    vol = make_volume("nuclei", (32, 64, 64), VOXEL, seed=1)
+    b = brush(vol.labels, slices=(8, 16, 24))
+    quick = Segmenter(foundation, voxel_size=VOXEL, feature_levels=(0,))
+    quick.fit(vol.image, b)
+    seg = Segmenter(foundation, mode="full", steps=6, lr=1e-2, freeze_steps=0,
+                    voxel_size=VOXEL, patch_size=(16, 32, 32), eval_every=1)
+    seg.fit(vol.image, b)
+    torch.testing.assert_close(seg.anchor.head.state_dict(), quick.head.state_dict())
+    torch.testing.assert_close(seg.anchor.foundation.backbone.state_dict(),
+                               foundation.backbone.state_dict())
+    assert not any(p.requires_grad for p in seg.anchor.parameters())
+    mixed = seg.predict(vol.image).probabilities
+    seg.config.quick_weight = 0.0
+    tuned = seg.predict(vol.image).probabilities
+    seg.config.quick_weight = 1.0
+    start = seg.predict(vol.image)
+    assert np.abs(tuned - start.probabilities).max() > 0.05  # finetuning moved it
+    np.testing.assert_allclose(mixed, 0.5 * (tuned + start.probabilities), atol=1e-5)
+    q = quick.predict(vol.image).classes
+    assert dice(q == 2, start.classes == 2) > 0.97  # only the window blending differs
+    with pytest.raises(ValueError, match="quick_weight"):
+        SegmentConfig(quick_weight=1.5)
+
+
 def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
     from napari_lsmfm.tasks.segment import _is_encoder
 
@@ -290,9 +317,19 @@ def test_full_mode_model_carries_its_backbone(foundation, tmp_path):
     seg.fit(vol.image, brush(vol.labels, slices=(8, 16, 24)))
     folder = seg.save(tmp_path / "full")
     assert (folder / "backbone.safetensors").is_file()
-    loaded = Segmenter.load(folder)  # no foundation needed: the backbone is saved
+    assert (folder / "anchor_backbone.safetensors").is_file()  # the quick model too
+    loaded = Segmenter.load(folder)  # no foundation needed: the backbones are saved
     a, b = seg.predict(vol.image), loaded.predict(vol.image)
     np.testing.assert_array_equal(a.classes, b.classes)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    # without the quick model (quick_weight 0, as in models saved before it existed)
+    alone = Segmenter(foundation, mode="full", steps=4, patch_size=(16, 32, 32),
+                      quick_weight=0.0)
+    alone.fit(vol.image, brush(vol.labels, slices=(8, 16, 24)))
+    assert alone.anchor is None
+    folder = alone.save(tmp_path / "alone")
+    assert not (folder / "anchor_backbone.safetensors").exists()
+    a, b = alone.predict(vol.image), Segmenter.load(folder, foundation).predict(vol.image)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
 
 

@@ -374,6 +374,10 @@ class SegmentConfig:
         "none".
     max_samples: quick mode trains on at most this many annotated voxels (drawn evenly
         from every class), so densely painted volumes stay fast and within memory.
+    quick_weight: full mode predicts a weighted mean of the finetuned network's
+        probabilities and those of the quick model it started from (output ensembling,
+        as in WiSE-FT): the quick model keeps what the frozen foundation knows where a
+        few strokes pull the finetuned network astray. 0 = the finetuned network alone.
     """
 
     mode: str = "quick"
@@ -403,6 +407,7 @@ class SegmentConfig:
     warm_start: bool = True
     augment: str = "geometric"
     max_samples: int = 500_000
+    quick_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -433,6 +438,9 @@ class SegmentConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        self.quick_weight = float(self.quick_weight)
+        if not 0.0 <= self.quick_weight <= 1.0:
+            raise ValueError(f"quick_weight must be in [0, 1], got {self.quick_weight}")
 
     @property
     def n_steps(self) -> int:
@@ -716,6 +724,9 @@ class Segmenter:
         self.classes: tuple[int, ...] = ()
         self.head: VoxelHead | None = None
         self.net: _FullNet | None = None
+        # full mode: the quick model the finetuning started from (frozen foundation copy
+        # and quick head), averaged into predictions with weight ``config.quick_weight``
+        self.anchor: _FullNet | None = None
         self.history: list[float] = []
         self.best_loss: float | None = None
         self._cache: dict[tuple, dict] = {}
@@ -989,17 +1000,26 @@ class Segmenter:
         classes = sparse.classes
         n_out = len(classes) + 1
         device = resolve_device(cfg.device) if cfg.device else self.foundation.device
-        if self.net is not None and self.classes == classes and cfg.warm_start:
-            net = copy.deepcopy(self.net)
-        else:
+        warm = self.net is not None and self.classes == classes and cfg.warm_start
+        anchor, quick = None, None
+        if not warm or cfg.quick_weight > 0:
             head, quick = self._quick_start(image, sparse, span(ctx, 0.0, 0.15))
             feats = self._quick._features  # the head reads exactly these filters
+            if cfg.quick_weight > 0:  # the quick model, kept frozen for predictions
+                anchor = _FullNet(copy.deepcopy(self.foundation), copy.deepcopy(head),
+                                  feats.sigmas, feats.spacing)
+                anchor.foundation.to_device(device)
+                anchor.to(device)
+        if warm:
+            net = copy.deepcopy(self.net)
+        else:
             net = _FullNet(copy.deepcopy(self.foundation), head, feats.sigmas, feats.spacing)
-            if quick["stopped"]:  # stopped already during the quick fit: that model it is
-                net.foundation.to_device(device)
-                self._commit_full(net.to(device), classes)
-                self.history, self.best_loss = quick["history"], quick["best_loss"]
-                return {**quick, "stopped": True}
+        if quick is not None and quick["stopped"]:
+            # stopped already during the quick fit: the model so far, with that quick model
+            net.foundation.to_device(device)
+            self._commit_full(net.to(device), classes, anchor)
+            self.history, self.best_loss = quick["history"], quick["best_loss"]
+            return {**quick, "stopped": True}
         ctx = span(ctx, 0.15, 1.0)
         torch.manual_seed(cfg.seed)
         net.foundation.to_device(device)
@@ -1073,7 +1093,7 @@ class Segmenter:
         self_history: list[float] = []
         return self._train_loop(
             net, steps, ctx, step_fn=step_fn, evaluate=evaluate,
-            commit=lambda module: self._commit_full(module, classes), start_best=True,
+            commit=lambda module: self._commit_full(module, classes, anchor), start_best=True,
         )
 
     @staticmethod
@@ -1087,11 +1107,14 @@ class Segmenter:
             return ce
         return ce + dice_weight * dice(logits, y.clamp_min(0), mask=mask)
 
-    def _commit_full(self, net: _FullNet, classes) -> None:
-        for p in net.parameters():
-            p.requires_grad_(False)
-        net.eval()
+    def _commit_full(self, net: _FullNet, classes, anchor: _FullNet | None) -> None:
+        for module in (net, anchor):
+            if module is not None:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+                module.eval()
         self.net = net
+        self.anchor = anchor
         self.classes = tuple(classes)
 
     # ----------------------------------------------------------------- predict
@@ -1253,6 +1276,8 @@ class Segmenter:
 
     def _predict_full(self, image, irange, region, write, ctx) -> None:
         net = self.net.eval()
+        anchor = self.anchor
+        weight = self.config.quick_weight if anchor is not None else 0.0
         lo, hi = irange
         scale = 1.0 / (hi - lo) if hi > lo else 0.0
         device = self.device
@@ -1264,8 +1289,14 @@ class Segmenter:
                     "numpy.nan_to_num) before segmenting"
                 )
             x = torch.from_numpy(np.clip((windows - lo) * scale, 0, 1).astype(np.float32))
+            x = x.to(device)
             with torch.inference_mode():
-                return F.softmax(net(x.to(device)), 1)
+                if weight >= 1.0:
+                    return F.softmax(anchor.eval()(x), 1)
+                probs = F.softmax(net(x), 1)
+                if weight > 0.0:
+                    probs = (1.0 - weight) * probs + weight * F.softmax(anchor.eval()(x), 1)
+                return probs
 
         cfg = self.config
         self._with_memory_fallback(
@@ -1331,6 +1362,11 @@ class Segmenter:
             config["features"] = self.net.settings()
             parts = {"head": self.net.head.state_dict(),
                      "backbone": self.net.foundation.backbone.state_dict()}
+            if self.anchor is not None:  # the quick model it started from (see quick_weight)
+                config["anchor"] = {"head": self.anchor.head.settings(),
+                                    "features": self.anchor.settings()}
+                parts["anchor_head"] = self.anchor.head.state_dict()
+                parts["anchor_backbone"] = self.anchor.foundation.backbone.state_dict()
         return save_task_model(folder, task="segment", config=config, parts=parts,
                                overwrite=overwrite)
 
@@ -1362,11 +1398,8 @@ class Segmenter:
         seg = cls(foundation, cfg)
         seg.classes = tuple(int(c) for c in config["classes"])
         seg.best_loss = config.get("best_loss")
-        head_cfg = config["head"]
-        head = VoxelHead(head_cfg["in_channels"], head_cfg["n_out"], head_cfg["hidden"],
-                         head_cfg.get("depth", 2), head_cfg.get("dropout", 0.0))
-        head.load_state_dict(parts["head"])
         if mode == "quick":
+            head = _saved_head(config["head"], parts["head"])
             if head.in_channels != seg._features.channels:
                 raise ValueError(
                     f"{folder}: the head reads {head.in_channels} features but these settings "
@@ -1374,15 +1407,35 @@ class Segmenter:
                 )
             seg.head = head.to(foundation.device).eval()
         else:
-            backbone = copy.deepcopy(foundation)
-            backbone.backbone.load_state_dict(parts["backbone"])
-            feats = config["features"]
-            net = _FullNet(backbone, head, feats["sigmas"], feats["spacing"])
+            net = cls._saved_net(foundation, config, parts["head"], parts["backbone"])
             target = cfg.device or foundation.device
             net.foundation.to_device(target)
             net.to(net.foundation.device)
-            seg._commit_full(net, seg.classes)
+            anchor = None
+            if "anchor_head" in parts:  # models saved before output ensembling have none
+                anchor = cls._saved_net(foundation, config["anchor"], parts["anchor_head"],
+                                        parts["anchor_backbone"])
+                anchor.foundation.to_device(target)
+                anchor.to(anchor.foundation.device)
+            seg._commit_full(net, seg.classes, anchor)
         return seg
+
+    @staticmethod
+    def _saved_net(foundation, record: Mapping[str, Any], head_state, backbone_state) -> _FullNet:
+        """A full-mode network from saved parts: a copy of ``foundation`` with the saved
+        backbone weights, the saved head and its filter settings."""
+        backbone = copy.deepcopy(foundation)
+        backbone.backbone.load_state_dict(backbone_state)
+        feats = record["features"]
+        return _FullNet(backbone, _saved_head(record["head"], head_state), feats["sigmas"],
+                        feats["spacing"])
+
+
+def _saved_head(settings: Mapping[str, Any], state: Mapping[str, Any]) -> VoxelHead:
+    head = VoxelHead(settings["in_channels"], settings["n_out"], settings["hidden"],
+                     settings.get("depth", 2), settings.get("dropout", 0.0))
+    head.load_state_dict(state)
+    return head
 
 
 def _foundation_for(record: Mapping[str, Any], mode: str, device: str | None) -> Any:
