@@ -566,6 +566,39 @@ def test_cli_trains_saves_and_applies(cli_files, capsys):
     np.testing.assert_array_equal(np.asarray(open_volume(root / "again.zarr").data), classes)
 
 
+def test_cli_full_mode_sets_the_quick_weight(cli_files, capsys, tmp_path):
+    from napari_lsmfm.io import open_volume
+
+    root, _ = cli_files
+    base = [str(root / "image.tif"), "--weights", str(root / "weights"), "--quiet"]
+    train = [*base, "--labels", str(root / "brushes.tif"), "--mode", "full", "--steps", "4"]
+    assert run_cli(*train, "--out", str(tmp_path / "mixed.tif"),
+                   "--save-model", str(tmp_path / "model")) == 0
+    # a saved full model predicts with another weight: finetuned alone, or quick alone
+    probs = []
+    for w in ("0", "1"):
+        rc = run_cli(*base, "--model", str(tmp_path / "model"), "--quick-weight", w,
+                     "--out", str(tmp_path / f"c{w}.tif"), "--probabilities",
+                     str(tmp_path / f"p{w}.tif"))
+        assert rc == 0
+        probs.append(np.asarray(open_volume(tmp_path / f"p{w}.tif").data))
+    assert np.abs(probs[0] - probs[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="quick_weight must be in"):
+        run_cli(*base, "--model", str(tmp_path / "model"), "--quick-weight", "2",
+                "--out", str(tmp_path / "x.tif"))
+    with pytest.raises(ValueError, match="--mode full"):
+        run_cli(*base, "--labels", str(root / "brushes.tif"), "--quick-weight", "0.5",
+                "--out", str(tmp_path / "y.tif"))
+    # trained with weight 0, the quick model is not saved, and cannot be asked for later
+    assert run_cli(*train, "--quick-weight", "0", "--out", str(tmp_path / "alone.tif"),
+                   "--save-model", str(tmp_path / "alone")) == 0
+    assert not (tmp_path / "alone" / "anchor_head.safetensors").exists()
+    with pytest.raises(ValueError, match="only --quick-weight 0"):
+        run_cli(*base, "--model", str(tmp_path / "alone"), "--quick-weight", "0.5",
+                "--out", str(tmp_path / "z.tif"))
+    capsys.readouterr()
+
+
 def test_cli_refuses_to_overwrite_and_explains(cli_files, monkeypatch, tmp_path):
     import napari_lsmfm.model.checkpoints as checkpoints
 

@@ -55,6 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated class values to split into objects (default: all)")
     p.add_argument("--save-model", help="save the trained model to this folder")
     p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--quick-weight", type=float, default=None,
+                   help="full mode: weight (0-1) of the quick model it started from in the "
+                        "prediction; default 0.5, 0 = the finetuned network alone")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--tile", default=None, help="prediction window z,y,x in voxels")
     p.add_argument("--voxel-size", default=None,
@@ -151,6 +154,10 @@ def _run(args: argparse.Namespace) -> int:
                          "saved model)")
     if args.model is not None and (args.mode or args.steps):
         raise ValueError("--mode and --steps belong to training; --model applies a saved model")
+    if args.quick_weight is not None:
+        SegmentConfig(quick_weight=args.quick_weight)  # says what is wrong with the value
+        if args.model is None and args.mode != "full":
+            raise ValueError("--quick-weight belongs to full mode: add --mode full")
     out_path = _check_output(args.out, args.overwrite)
     prob_path = _check_output(args.probabilities, args.overwrite)
     unc_path = _check_output(args.uncertainty, args.overwrite)
@@ -196,6 +203,8 @@ def _run(args: argparse.Namespace) -> int:
             overrides["tile"] = tile
         if args.mode == "full":
             overrides["device"] = args.device
+        if args.quick_weight is not None:
+            overrides["quick_weight"] = args.quick_weight
         seg = Segmenter(foundation, SegmentConfig(**overrides))
         if show is not None:
             print(f"segment: {sparse.summary()}", file=sys.stderr)
@@ -207,6 +216,15 @@ def _run(args: argparse.Namespace) -> int:
             summary["saved_model"] = str(model_path)
     if tile is not None:
         seg.config.tile = tile
+    if args.quick_weight is not None:
+        if seg.config.mode != "full":
+            raise ValueError(f"--quick-weight belongs to full mode; {args.model} is a "
+                             f"{seg.config.mode}-mode model")
+        if args.quick_weight > 0 and seg.anchor is None:
+            raise ValueError(f"{args.model} was saved without the quick model it started "
+                             "from (trained with quick weight 0, or by an older version); "
+                             "only --quick-weight 0 applies to it")
+        seg.config.quick_weight = args.quick_weight
 
     outputs = _Outputs(voxel_size, args.overwrite)
     n_out = len(seg.channel_values)

@@ -1417,6 +1417,8 @@ class Segmenter:
                                         parts["anchor_backbone"])
                 anchor.foundation.to_device(target)
                 anchor.to(anchor.foundation.device)
+            else:
+                seg.config.quick_weight = 0.0  # it predicts with the finetuned network alone
             seg._commit_full(net, seg.classes, anchor)
         return seg
 
