@@ -96,6 +96,27 @@ def test_stop_within_a_second_keeps_best_model(make_napari_viewer, qtbot):
     assert "stopped early" in widget.status.text()
 
 
+def test_full_mode_stops_within_a_second_and_predicts(make_napari_viewer, qtbot):
+    # full mode in the widget: quick start, finetuning, Stop, then the mixed prediction
+    viewer, widget, truth = _setup(make_napari_viewer)
+    widget.mode_combo.setCurrentText("full")
+    widget.device_combo.setCurrentText("cpu")
+    widget.steps_spin.setValue(100_000)
+    widget.train(then_predict=False)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.values) > 3, timeout=180_000)
+    t0 = time.perf_counter()
+    widget.train_button.click()  # "Stop"
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=5_000)
+    assert time.perf_counter() - t0 < 1.0
+    seg = widget.segmenter
+    assert seg.config.mode == "full" and seg.net is not None and seg.anchor is not None
+    widget.predict()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=180_000)
+    labels = viewer.layers["nuclei segmentation"].data
+    assert labels.shape == truth.shape and set(np.unique(labels)) <= {0, 2}
+    assert dice(labels == 2, truth > 0) > 0.5
+
+
 def test_no_strokes_says_what_to_do(make_napari_viewer, qtbot):
     viewer, widget, truth = _setup(make_napari_viewer)
     viewer.layers["nuclei brushes"].data = np.zeros(truth.shape, np.uint8)
