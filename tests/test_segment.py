@@ -384,6 +384,27 @@ def test_dask_volume_into_zarr_outputs(nuclei):
     assert dice(classes, nuclei["test"].labels) >= NUCLEI_DICE
 
 
+def test_full_mode_out_of_core(foundation):
+    """Full mode on a dask volume with no feature cache: the quick start reads features
+    at the strokes only, patches are read lazily, and the prediction (finetuned network
+    mixed with the quick model) goes window by window into a zarr array."""
+    zarr = pytest.importorskip("zarr")
+    vol = make_volume("nuclei", (32, 64, 64), VOXEL, seed=1)
+    lazy = da.from_array(vol.image, chunks=(16, 32, 32))
+    seg = Segmenter(foundation, mode="full", steps=4, patch_size=(16, 32, 32), voxel_size=VOXEL,
+                    cache_bytes=0, tile=(16, 32, 32), block_bytes=4 * 2**20)
+    fit = seg.fit(lazy, brush(vol.labels, slices=(8, 16, 24)))
+    assert fit["steps_done"] == 4 and seg._quick._cache == {}  # nothing cached whole
+    out = {"classes": zarr.create_array(store={}, shape=vol.image.shape, chunks=(16, 32, 32),
+                                        dtype="uint8")}
+    result = seg.predict(lazy, out=out, probabilities=False, uncertainty=False)
+    assert result.classes is out["classes"]
+    reference = seg.predict(vol.image, probabilities=False, uncertainty=False)
+    assert (out["classes"][...] == reference.classes).mean() > 0.999
+    # on the brushed volume itself; measured 0.80-0.81 with foundation seeds 0-2
+    assert dice(out["classes"][...], vol.labels) > 0.7
+
+
 def test_roi_prediction_matches_the_whole(nuclei):
     roi = (slice(10, 30), slice(20, 100), slice(0, 64))
     part = nuclei["seg"].predict(nuclei["test"].image, roi=roi)
