@@ -85,10 +85,9 @@ def main(argv=None) -> int:
         for n in args.slices:
             scores = {}
             for name, make in makers.items():
-                got = evaluate(make(vol.voxel_size), vol, n, variants.get(name))
-                got = {name: got} if not isinstance(got, dict) else {
-                    (v or name): s for v, s in got.items()}
-                for label, s in got.items():
+                got = evaluate(make(vol.voxel_size), vol, n, variants.get(name, {}))
+                for variant, s in got.items():
+                    label = variant or name
                     scores[label] = s
                     rows.append(dict(kind=kind, slices=n, method=label, dice=s.dice, f1=s.f1,
                                      train_s=s.train_s, predict_s=s.predict_s))

@@ -633,6 +633,11 @@ class _FullNet(nn.Module):
     def settings(self) -> dict:
         return {"sigmas": list(self.sigmas), "spacing": list(self.spacing)}
 
+    def to_device(self, device: str | torch.device) -> _FullNet:
+        """Move the backbone (and its mixed precision setting) and the head to ``device``."""
+        self.foundation.to_device(device)
+        return self.to(self.foundation.device)
+
 
 def _freeze_batchnorm(module: nn.Module) -> None:
     for m in module.modules():
@@ -1007,23 +1012,19 @@ class Segmenter:
             feats = self._quick._features  # the head reads exactly these filters
             if cfg.quick_weight > 0:  # the quick model, kept frozen for predictions
                 anchor = _FullNet(copy.deepcopy(self.foundation), copy.deepcopy(head),
-                                  feats.sigmas, feats.spacing)
-                anchor.foundation.to_device(device)
-                anchor.to(device)
+                                  feats.sigmas, feats.spacing).to_device(device)
         if warm:
             net = copy.deepcopy(self.net)
         else:
             net = _FullNet(copy.deepcopy(self.foundation), head, feats.sigmas, feats.spacing)
+        net.to_device(device)
         if quick is not None and quick["stopped"]:
             # stopped already during the quick fit: the model so far, with that quick model
-            net.foundation.to_device(device)
-            self._commit_full(net.to(device), classes, anchor)
+            self._commit_full(net, classes, anchor)
             self.history, self.best_loss = quick["history"], quick["best_loss"]
             return {**quick, "stopped": True}
         ctx = span(ctx, 0.15, 1.0)
         torch.manual_seed(cfg.seed)
-        net.foundation.to_device(device)
-        net.to(device)
         targets = sparse.targets(classes)
         rng = np.random.default_rng(cfg.seed)
         sampler = _PatchSampler(image, irange, sparse, targets, cfg.patch_size, rng, cfg.augment)
@@ -1276,7 +1277,7 @@ class Segmenter:
 
     def _predict_full(self, image, irange, region, write, ctx) -> None:
         net = self.net.eval()
-        anchor = self.anchor
+        anchor = self.anchor.eval() if self.anchor is not None else None
         weight = self.config.quick_weight if anchor is not None else 0.0
         lo, hi = irange
         scale = 1.0 / (hi - lo) if hi > lo else 0.0
@@ -1292,10 +1293,10 @@ class Segmenter:
             x = x.to(device)
             with torch.inference_mode():
                 if weight >= 1.0:
-                    return F.softmax(anchor.eval()(x), 1)
+                    return F.softmax(anchor(x), 1)
                 probs = F.softmax(net(x), 1)
                 if weight > 0.0:
-                    probs = (1.0 - weight) * probs + weight * F.softmax(anchor.eval()(x), 1)
+                    probs = (1.0 - weight) * probs + weight * F.softmax(anchor(x), 1)
                 return probs
 
         cfg = self.config
@@ -1407,16 +1408,13 @@ class Segmenter:
                 )
             seg.head = head.to(foundation.device).eval()
         else:
-            net = cls._saved_net(foundation, config, parts["head"], parts["backbone"])
             target = cfg.device or foundation.device
-            net.foundation.to_device(target)
-            net.to(net.foundation.device)
+            net = cls._saved_net(foundation, config, parts["head"], parts["backbone"])
+            net.to_device(target)
             anchor = None
             if "anchor_head" in parts:  # models saved before output ensembling have none
                 anchor = cls._saved_net(foundation, config["anchor"], parts["anchor_head"],
-                                        parts["anchor_backbone"])
-                anchor.foundation.to_device(target)
-                anchor.to(anchor.foundation.device)
+                                        parts["anchor_backbone"]).to_device(target)
             else:
                 seg.config.quick_weight = 0.0  # it predicts with the finetuned network alone
             seg._commit_full(net, seg.classes, anchor)
