@@ -25,7 +25,7 @@ from napari_lsmfm.tasks.deblur import (
     synthetic_pair,
 )
 from napari_lsmfm.tasks.rl import psf_sigma_voxels, read_psf
-from napari_lsmfm.workers.job import Cancelled, JobContext
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 TINY = {"architecture": "unet", "embed_dim": 4, "channels": [4, 8], "strides": [2],
         "num_res_units": 1, "norm": "BATCH"}

@@ -31,7 +31,7 @@ from napari_lsmfm.pretrain import (
     weights_digest,
 )
 from napari_lsmfm.pretrain.objectives import LOGIT_SCALE_INIT
-from napari_lsmfm.workers.job import Cancelled, JobContext
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 TINY = {"architecture": "unet", "embed_dim": 8, "channels": [8, 16, 32], "strides": [2, 2],
         "num_res_units": 1}

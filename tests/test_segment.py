@@ -28,7 +28,7 @@ from napari_lsmfm.tasks import (
     segment,
     split_instances,
 )
-from napari_lsmfm.workers.job import Cancelled, JobContext
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 SHAPE = (48, 128, 128)
 VOXEL = (2.0, 1.0, 1.0)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from napari_lsmfm.inference import (
+from napari_lsmfm.engine.tiled import (
     DeviceMemoryError,
     TileGrid,
     gaussian_weights,
     predict_points,
     predict_tiled,
 )
-from napari_lsmfm.workers.job import Cancelled, JobContext
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 
 def pointwise(windows: np.ndarray) -> np.ndarray:
@@ -197,7 +197,7 @@ def test_gaussian_weights_peak_in_the_centre():
 
 
 def test_aligned_grid_puts_window_origins_on_block_multiples():
-    from napari_lsmfm.inference.tiled import TileGrid
+    from napari_lsmfm.engine.tiled import TileGrid
 
     grid = TileGrid.build((50, 71, 70), (16, 32, 30), 0.3, align=2)
     for size, tile, starts in zip(grid.shape, grid.tile, grid.starts, strict=True):

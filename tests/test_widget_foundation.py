@@ -5,8 +5,8 @@ import time
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_lsmfm.widgets._state import foundation_slot
-from napari_lsmfm.workers.job import JobContext
+from napari_lsmfm.widgets.state import foundation_slot
+from napari_lsmfm.engine.jobs import JobContext
 
 pytestmark = pytest.mark.gui
 

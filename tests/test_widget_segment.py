@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from napari_lsmfm.widgets._state import foundation_slot
+from napari_lsmfm.widgets.state import foundation_slot
 
 pytestmark = pytest.mark.gui
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from napari_lsmfm.workers.job import Cancelled, JobContext, QueueContext, run_job
+from napari_lsmfm.engine.jobs import Cancelled, JobContext, QueueContext, run_job
 
 
 def counting_job(ctx: JobContext, steps: int = 5) -> int:
@@ -58,7 +58,7 @@ def test_progress_callback_maps_sub_range():
 
 
 def test_span_maps_a_step_into_its_part_of_the_progress():
-    from napari_lsmfm.workers.job import JobContext, span
+    from napari_lsmfm.engine.jobs import JobContext, span
 
     updates = []
     ctx = JobContext(updates.append)

@@ -62,7 +62,7 @@ def wait_for(widgets: dict[str, Any], timeout: float = 300.0) -> None:
 
 
 def summarize(viewer: Any, widgets: dict[str, Any]) -> dict[str, Any]:
-    from napari_lsmfm.widgets._state import foundation_slot
+    from napari_lsmfm.widgets.state import foundation_slot
 
     foundation = foundation_slot(viewer).foundation
     status = widgets.get("Foundation model")

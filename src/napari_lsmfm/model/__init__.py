@@ -19,7 +19,7 @@ from .checkpoints import (
     read_torch_checkpoint,
     save_foundation,
 )
-from .device import amp_dtype, available_devices, resolve_device
+from napari_lsmfm.engine.device import amp_dtype, available_devices, resolve_device
 from .foundation import (
     NORMALIZATION,
     Foundation,

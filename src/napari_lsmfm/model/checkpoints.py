@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import backbones
-from .device import resolve_device
+from napari_lsmfm.engine.device import resolve_device
 from .foundation import NORMALIZATION, Foundation, FoundationSpec
 from .text import TextTower, TextTowerUnavailable, bert_config_from_state
 

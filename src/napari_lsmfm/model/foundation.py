@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backbones
-from .device import amp_dtype, resolve_device
+from napari_lsmfm.engine.device import amp_dtype, resolve_device
 from .text import TextTower
 
 VARIANTS = ("image_text", "image_only")
@@ -125,7 +125,7 @@ def _positive_int(value: Any, name: str) -> int:
 # --- normalisation ---------------------------------------------------------------------
 
 
-def _subsample(volume: Any, max_samples: int) -> np.ndarray:
+def strided_sample(volume: Any, max_samples: int) -> np.ndarray:
     """The volume itself when small, else a regular strided subsample of about max_samples."""
     size = math.prod(volume.shape)
     if size <= max_samples:
@@ -148,8 +148,8 @@ def percentile_range(
     """
     if math.prod(volume.shape) == 0:
         raise ValueError("The volume is empty (a zero-length axis); nothing to normalise.")
-    sample = _subsample(volume, max_samples).astype(np.float32, copy=False)
-    _check_finite(sample)
+    sample = strided_sample(volume, max_samples).astype(np.float32, copy=False)
+    check_finite(sample)
     lo, hi = np.percentile(sample, [low, high])
     if hi <= lo:
         # Sparse signal (e.g. a few bright voxels on a flat background): use the full range.
@@ -157,7 +157,8 @@ def percentile_range(
     return float(lo), float(hi)
 
 
-def _check_finite(array: np.ndarray) -> None:
+def check_finite(array: np.ndarray) -> None:
+    """Raise ValueError, saying what to do, when ``array`` holds NaN or infinite voxels."""
     if not np.isfinite(array).all():
         kind = "NaN" if np.isnan(array).any() else "infinite"
         raise ValueError(
@@ -184,12 +185,28 @@ def normalize_intensity(
     else:
         lo, hi = (float(v) for v in intensity_range)
     array = np.asarray(volume, dtype=np.float32)
-    _check_finite(array)
+    check_finite(array)
     if not hi > lo:
         return np.zeros(array.shape, dtype=np.float32)
     out = (array - np.float32(lo)) * np.float32(1.0 / (hi - lo))
     np.clip(out, 0.0, 1.0, out=out)
     return out
+
+
+def normalize_window(windows: np.ndarray, intensity_range: tuple[float, float],
+                     what: str = "running the model") -> np.ndarray:
+    """Raw windows (any shape) -> float32 in [0, 1] by ``intensity_range`` (lo, hi): the
+    one normalisation of every window a task sends to a network, in training and
+    prediction alike. A flat range (hi <= lo) gives zeros. Raises ValueError for NaN or
+    infinite voxels (``what``: the task, for the message)."""
+    if not np.isfinite(windows).all():
+        raise ValueError(
+            "the image contains NaN or infinite voxels; replace them (e.g. "
+            f"numpy.nan_to_num) before {what}"
+        )
+    lo, hi = float(intensity_range[0]), float(intensity_range[1])
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0  # Python floats: float32 windows stay float32
+    return np.clip((windows - lo) * scale, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -266,7 +283,7 @@ class Foundation(nn.Module):
         self.logit_scale: float | None = None
         self.load_report: Any = None
         self.amp = False
-        self._amp_dtype: torch.dtype | None = None
+        self.autocast_dtype: torch.dtype | None = None
         self.eval()
 
     # --- device ----------------------------------------------------------------------
@@ -283,14 +300,14 @@ class Foundation(nn.Module):
         target = resolve_device(device)
         if target != self.device:
             self.to(target)
-        self._amp_dtype = amp_dtype(target)
-        self.amp = self._amp_dtype is not None
+        self.autocast_dtype = amp_dtype(target)
+        self.amp = self.autocast_dtype is not None
         return self
 
     def _autocast(self):
         if not self.amp or self.device.type != "cuda":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self._amp_dtype or torch.float16)
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.float16)
 
     # --- geometry ---------------------------------------------------------------------
 
@@ -348,7 +365,9 @@ class Foundation(nn.Module):
             x = x.float()
         return x.to(self.device, non_blocking=True)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def run_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone on an already prepared (B, C, D, H, W) tensor on this device: padded
+        to ``size_multiple``, under autocast, cropped back; float32 dense features."""
         size = x.shape[2:]
         with self._autocast():
             dense = self.backbone(_pad_to_multiple(x, self.size_multiple))
@@ -360,7 +379,7 @@ class Foundation(nn.Module):
         Any size works: the input is padded to `size_multiple` and the output cropped back.
         Gradients flow (use it for finetuning); wrap in torch.no_grad() for inference.
         """
-        return self._run(self._prepare(x))
+        return self.run_backbone(self._prepare(x))
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Multi-scale feature maps, finest first, float32.
@@ -380,7 +399,7 @@ class Foundation(nn.Module):
             m.register_forward_hook(keep) for m in backbones.encoder_taps(self.backbone, self.spec)
         ]
         try:
-            dense = self._run(x)
+            dense = self.run_backbone(x)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -170,7 +170,7 @@ def _loss_weights(text: str | None) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm pretrain``; prints the final losses as one JSON line; returns 0."""
-    from napari_lsmfm.workers.job import run_job, terminal_progress
+    from napari_lsmfm.engine.jobs import run_job, terminal_progress
 
     from .data import SYNTHETIC_PREFIX, open_source
     from .loop import pretrain

@@ -12,7 +12,7 @@ patches and the teacher on the full ones, and minimise a weighted sum of
 
 then move the teacher towards the student (EMA). Runs on one device, or on several under
 ``torchrun`` (PyTorch DDP: NCCL on CUDA, gloo on CPU), in bf16 autocast on CUDA. Rank 0
-reports progress through a :class:`~napari_lsmfm.workers.job.JobContext`, writes resumable
+reports progress through a :class:`~napari_lsmfm.engine.jobs.JobContext`, writes resumable
 checkpoints every N steps and, at the end, the Foundation in our format.
 """
 
@@ -46,7 +46,7 @@ from napari_lsmfm.model import (
     save_foundation,
 )
 from napari_lsmfm.model.backbones import count_parameters
-from napari_lsmfm.workers.job import Cancelled, JobContext
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 from .data import BatchStream, PatchSource, as_patch_size, open_source
 from .masking import MASKING_MODES, apply_mask, cube_mask, mask_ratio_at

@@ -5,7 +5,8 @@
 >>> result = seg.predict(image)                  # classes, probabilities, uncertainty
 """
 
-from .heads import load_task_model, save_task_model
+from napari_lsmfm.engine.store import load_task_model, save_task_model
+
 from .instances import split_instances
 from .segment import (
     SegmentationResult,

@@ -74,7 +74,7 @@ def _numbers(text: str, name: str, kind=float, allow_one: bool = False) -> tuple
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm deblur``; returns the exit status (errors raise ValueError / OSError)."""
-    from napari_lsmfm.inference import DeviceMemoryError
+    from napari_lsmfm.engine.tiled import DeviceMemoryError
 
     try:
         return _run(args)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from napari_lsmfm.io import open_volume, write_volume
-    from napari_lsmfm.workers.job import JobContext, terminal_progress
+    from napari_lsmfm.engine.jobs import JobContext, terminal_progress
 
     from .deblur import Deblurrer, check_deblur_input, deblur, load_default_deblur
 

@@ -134,7 +134,7 @@ class _Outputs:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm segment``; returns the exit status (errors raise ValueError / OSError)."""
-    from napari_lsmfm.inference import DeviceMemoryError
+    from napari_lsmfm.engine.tiled import DeviceMemoryError
 
     try:
         return _run(args)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from napari_lsmfm.io import open_volume
     from napari_lsmfm.model import load_foundation
-    from napari_lsmfm.workers.job import JobContext, terminal_progress
+    from napari_lsmfm.engine.jobs import JobContext, terminal_progress
 
     from .segment import SegmentConfig, Segmenter, SparseLabels, check_image
 

@@ -49,10 +49,17 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from torch import nn
 
-from napari_lsmfm.inference.tiled import DeviceMemoryError, predict_tiled
-from napari_lsmfm.workers.job import Cancelled
+from napari_lsmfm.engine.tiled import DeviceMemoryError, predict_tiled
+from napari_lsmfm.engine.jobs import Cancelled
 
-from .heads import DenseHead, check_foundation, foundation_record, load_task_model, save_task_model
+from napari_lsmfm.engine.store import (
+    check_foundation,
+    foundation_record,
+    load_task_model,
+    save_task_model,
+)
+
+from .heads import DenseHead
 from .rl import check_psf, gaussian_psf, psf_sigma_voxels, read_psf, richardson_lucy
 from .segment import _triple
 
@@ -954,7 +961,7 @@ class Deblurrer:
                     scaler.update()
                     sched.step()
                 except Exception as exc:
-                    from napari_lsmfm.inference.tiled import _free_device_memory, _is_oom
+                    from napari_lsmfm.engine.tiled import _free_device_memory, _is_oom
 
                     if _is_oom(exc):
                         _free_device_memory()
@@ -1371,7 +1378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    from napari_lsmfm.workers.job import JobContext, terminal_progress
+    from napari_lsmfm.engine.jobs import JobContext, terminal_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -53,22 +53,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_lsmfm.inference.tiled import (
+from napari_lsmfm.engine.tiled import (
     DEFAULT_TILE,
     DeviceMemoryError,
     predict_points,
     predict_tiled,
 )
-from napari_lsmfm.workers.job import Cancelled, span
+from napari_lsmfm.engine.jobs import Cancelled, span
 
 from .filters import filter_bank, n_channels
-from .heads import (
-    VoxelHead,
+from napari_lsmfm.engine.store import (
     check_foundation,
     foundation_record,
     load_task_model,
     save_task_model,
 )
+
+from .heads import VoxelHead
 from .instances import split_instances
 
 __all__ = [
@@ -806,7 +807,7 @@ class Segmenter:
         return out
 
     def _feature_key(self, key: tuple) -> tuple:
-        from .heads import foundation_fingerprint
+        from napari_lsmfm.engine.store import foundation_fingerprint
 
         settings = self._features.settings()
         return (key, foundation_fingerprint(self.foundation), repr(settings),
@@ -1069,7 +1070,7 @@ class Segmenter:
                 scaler.step(opt)
                 scaler.update()
             except Exception as exc:
-                from napari_lsmfm.inference.tiled import _free_device_memory, _is_oom
+                from napari_lsmfm.engine.tiled import _free_device_memory, _is_oom
 
                 if _is_oom(exc):
                     _free_device_memory()

@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets._parts import (
+from napari_lsmfm.widgets.parts import (
     DeviceCombo,
     LayerCombo,
     LossPlot,
@@ -46,8 +46,8 @@ from napari_lsmfm.widgets._parts import (
     row,
     show_update,
 )
-from napari_lsmfm.workers.job import JobContext, Update
-from napari_lsmfm.workers.qt import JobRunner
+from napari_lsmfm.engine.jobs import JobContext, Update
+from napari_lsmfm.widgets.runner import JobRunner
 
 if TYPE_CHECKING:
     import napari

@@ -1,7 +1,7 @@
 """Foundation model dock widget: pick weights, load them in a worker, choose a device.
 
 Thin: it reads the form, runs :func:`napari_lsmfm.model.load_foundation` as a job and
-puts the result in the viewer's :class:`~napari_lsmfm.widgets._state.FoundationSlot`,
+puts the result in the viewer's :class:`~napari_lsmfm.widgets.state.FoundationSlot`,
 where the task widgets find it. torch is imported only when a job runs, so the
 Plugins menu opens fast.
 """
@@ -23,10 +23,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets._parts import DeviceCombo, row, show_update
-from napari_lsmfm.widgets._state import foundation_slot
-from napari_lsmfm.workers.job import JobContext, Update
-from napari_lsmfm.workers.qt import JobRunner
+from napari_lsmfm.widgets.parts import DeviceCombo, row, show_update
+from napari_lsmfm.widgets.state import foundation_slot
+from napari_lsmfm.engine.jobs import JobContext, Update
+from napari_lsmfm.widgets.runner import JobRunner
 
 if TYPE_CHECKING:
     import napari

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets._parts import (
+from napari_lsmfm.widgets.parts import (
     DeviceCombo,
     LayerCombo,
     LayerQueue,
@@ -35,9 +35,9 @@ from napari_lsmfm.widgets._parts import (
     row,
     show_update,
 )
-from napari_lsmfm.widgets._state import foundation_slot
-from napari_lsmfm.workers.job import JobContext, Update
-from napari_lsmfm.workers.qt import JobRunner
+from napari_lsmfm.widgets.state import foundation_slot
+from napari_lsmfm.engine.jobs import JobContext, Update
+from napari_lsmfm.widgets.runner import JobRunner
 
 if TYPE_CHECKING:
     import napari

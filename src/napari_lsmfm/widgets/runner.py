@@ -1,7 +1,7 @@
-"""Run a :mod:`~napari_lsmfm.workers.job` in a napari thread worker.
+"""Run a :mod:`~napari_lsmfm.engine.jobs` in a napari thread worker.
 
 The job runs in napari's thread pool (``napari.qt.threading.create_worker``); it
-talks to the UI only through a queue of :class:`~napari_lsmfm.workers.job.Update`
+talks to the UI only through a queue of :class:`~napari_lsmfm.engine.jobs.Update`
 records, drained by a timer on the UI thread. Progress shows in the widget and in
 napari's activity dock (``napari.utils.progress``); errors become viewer
 notifications; the job is cancelled when its widget leaves the viewer or is
@@ -18,7 +18,7 @@ from typing import Any
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 from qtpy.QtWidgets import QWidget
 
-from napari_lsmfm.workers.job import Cancelled, JobContext, QueueContext, Update
+from napari_lsmfm.engine.jobs import Cancelled, JobContext, QueueContext, Update
 
 POLL_MS = 50
 

@@ -33,10 +33,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .device import DeviceMemoryError, free_device_memory, is_out_of_memory
+from .grid import TileGrid, gaussian_weights, region_box
 
 __all__ = [
     "DeviceMemoryError",
@@ -51,147 +53,11 @@ DEFAULT_TILE = (64, 128, 128)
 DEFAULT_BLOCK_BYTES = 1 << 30
 
 
-class DeviceMemoryError(RuntimeError):
-    """The device ran out of memory even for one window; the message says what to try."""
-
-
 WindowFn = Callable[[np.ndarray], Any]
 Sink = Callable[[tuple[slice, ...], np.ndarray], None]
 
 
-# --------------------------------------------------------------------------- grid
-
-
-def _axis_starts(size: int, tile: int, step: int) -> list[int]:
-    if tile >= size:
-        return [0]
-    starts = list(range(0, size - tile, step))
-    starts.append(size - tile)
-    return sorted(set(starts))
-
-
-def _axis_cores(starts: Sequence[int], tile: int, size: int) -> list[int]:
-    """Boundaries of the cores: window k owns [b[k], b[k+1]), half-way through overlaps."""
-    bounds = [0]
-    for prev, cur in itertools.pairwise(starts):
-        bounds.append((cur + prev + tile) // 2)
-    bounds.append(size)
-    return bounds
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """The global window grid over a volume of ``shape`` (Z, Y, X).
-
-    ``tile`` is clipped to the volume, so every window has the same shape ``tile``;
-    ``starts[a]`` are the window origins along axis a; ``cores[a]`` the boundaries of
-    the voxels each window owns in ``blend="crop"``.
-    """
-
-    shape: tuple[int, int, int]
-    tile: tuple[int, int, int]
-    starts: tuple[tuple[int, ...], ...]
-    cores: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def build(cls, shape: Sequence[int], tile: Sequence[int], overlap: float,
-              align: int = 1) -> TileGrid:
-        """``align``: window origins fall on multiples of it (the steps are rounded down
-        to it), except the last window of an axis, which ends at the volume's end."""
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"expected a (Z, Y, X) volume, got shape {shape}")
-        tile = _as_triple(tile, "tile")
-        if min(tile) < 1:
-            raise ValueError(f"tile must be positive voxels (z, y, x), got {tile}")
-        if not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        tile = tuple(min(t, s) for t, s in zip(tile, shape, strict=True))
-        align = max(1, int(align))
-        steps = [int(round(t * (1.0 - float(overlap)))) for t in tile]
-        steps = [max(align, st // align * align) if t >= align else max(1, st)
-                 for st, t in zip(steps, tile, strict=True)]
-        starts = tuple(
-            tuple(_axis_starts(s, t, st)) for s, t, st in zip(shape, tile, steps, strict=True)
-        )
-        cores = tuple(
-            tuple(_axis_cores(st, t, s)) for st, t, s in zip(starts, tile, shape, strict=True)
-        )
-        return cls(shape, tile, starts, cores)  # type: ignore[arg-type]
-
-    @property
-    def n_windows(self) -> int:
-        return math.prod(len(s) for s in self.starts)
-
-    def touching(self, lo: Sequence[int], hi: Sequence[int], crop: bool) -> list[tuple[int, ...]]:
-        """Window origins whose extent (or core, with ``crop``) meets the box [lo, hi)."""
-        per_axis = []
-        for a in range(3):
-            idx = []
-            for k, s in enumerate(self.starts[a]):
-                a0, a1 = (self.cores[a][k], self.cores[a][k + 1]) if crop else (s, s + self.tile[a])
-                if a0 < hi[a] and a1 > lo[a]:
-                    idx.append(s)
-            per_axis.append(idx)
-        return list(itertools.product(*per_axis))
-
-    def core_of(self, origin: Sequence[int]) -> tuple[slice, ...]:
-        out = []
-        for a in range(3):
-            k = self.starts[a].index(origin[a])
-            out.append(slice(self.cores[a][k], self.cores[a][k + 1]))
-        return tuple(out)
-
-
-def gaussian_weights(tile: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Blending weights of one window, float32 (z, y, x), 1 in the centre.
-
-    A separable Gaussian with sigma = ``sigma_scale`` x tile per axis (MONAI's
-    importance map), floored at 1e-4 so that a voxel seen by one window only keeps it.
-    """
-    w = np.ones((1, 1, 1), np.float32)
-    for a, n in enumerate(tile):
-        centre = (n - 1) / 2.0
-        sigma = max(float(sigma_scale) * n, 1e-6)
-        prof = np.exp(-0.5 * ((np.arange(n) - centre) / sigma) ** 2).astype(np.float32)
-        shape = [1, 1, 1]
-        shape[a] = n
-        w = w * prof.reshape(shape)
-    w /= w.max()
-    return np.maximum(w, 1e-4).astype(np.float32)
-
-
 # ------------------------------------------------------------------------ running
-
-
-def _as_triple(value: Sequence[int] | int, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int | np.integer):
-        return (int(value),) * 3  # type: ignore[return-value]
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"{name} must be three sizes (z, y, x), got {value}")
-    return value  # type: ignore[return-value]
-
-
-def _region_box(region: Any, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    if region is None:
-        return (0, 0, 0), tuple(int(s) for s in shape)
-    if len(region) != 3:
-        raise ValueError(f"region must be three slices (z, y, x), got {region!r}")
-    lo, hi = [], []
-    for r, n in zip(region, shape, strict=True):
-        if isinstance(r, slice):
-            if r.step not in (None, 1):
-                raise ValueError("region slices must have step 1")
-            start = 0 if r.start is None else int(r.start)
-            stop = int(n) if r.stop is None else int(r.stop)
-        else:
-            start, stop = (int(v) for v in r)
-        if not 0 <= start < stop <= n:
-            raise ValueError(f"region {region!r} is empty or outside the volume of shape {shape}")
-        lo.append(start)
-        hi.append(stop)
-    return tuple(lo), tuple(hi)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -201,27 +67,6 @@ def _to_numpy(value: Any) -> np.ndarray:
     if detach is not None:  # torch
         return detach().float().cpu().numpy()
     return np.asarray(value, dtype=np.float32)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _free_device_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 class _Runner:
@@ -240,9 +85,9 @@ class _Runner:
             try:
                 out = _to_numpy(self.fn(chunk))
             except Exception as exc:
-                if not _is_oom(exc):
+                if not is_out_of_memory(exc):
                     raise
-                _free_device_memory()
+                free_device_memory()
                 if self.batch_size == 1:
                     raise DeviceMemoryError(
                         f"the device ran out of memory on one window of {self.tile} voxels; "
@@ -374,7 +219,7 @@ def predict_tiled(
     if len(getattr(volume, "shape", ())) != 3:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {getattr(volume, 'shape', None)}")
     grid = TileGrid.build(volume.shape, tile, overlap, align)
-    lo, hi = _region_box(region, volume.shape)
+    lo, hi = region_box(region, volume.shape)
     rshape = tuple(b - a for a, b in zip(lo, hi, strict=True))
     channels = int(out_channels)
     if sink is None and out is None:

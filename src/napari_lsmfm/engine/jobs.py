@@ -5,7 +5,7 @@ function ``fn(ctx: JobContext) -> result`` that calls ``ctx.report(...)`` at eac
 step. ``ctx.report`` also checks the cancel flag, so a cancelled job stops at its
 next step with :class:`Cancelled`. The same function runs synchronously from a
 script or the CLI (:func:`run_job`) and in a thread behind a napari widget
-(:mod:`napari_lsmfm.workers.qt`), which reads the records from a queue.
+(:mod:`napari_lsmfm.widgets.runner`), which reads the records from a queue.
 """
 
 from __future__ import annotations
