@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 from napari_lsmfm.model import Foundation, FoundationSpec
 from napari_lsmfm.tasks.deblur import (
     DeblurConfig,
@@ -25,7 +26,6 @@ from napari_lsmfm.tasks.deblur import (
     synthetic_pair,
 )
 from napari_lsmfm.tasks.rl import psf_sigma_voxels, read_psf
-from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 TINY = {"architecture": "unet", "embed_dim": 4, "channels": [4, 8], "strides": [2],
         "num_res_units": 1, "norm": "BATCH"}

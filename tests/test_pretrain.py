@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 from napari_lsmfm.model import FoundationSpec, inspect_checkpoint, load_foundation
 from napari_lsmfm.pretrain import (
     CaptionTable,
@@ -31,7 +32,6 @@ from napari_lsmfm.pretrain import (
     weights_digest,
 )
 from napari_lsmfm.pretrain.objectives import LOGIT_SCALE_INIT
-from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 TINY = {"architecture": "unet", "embed_dim": 8, "channels": [8, 16, 32], "strides": [2, 2],
         "num_res_units": 1}

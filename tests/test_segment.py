@@ -19,6 +19,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 from napari_lsmfm.model import Foundation, FoundationSpec, save_foundation
 from napari_lsmfm.synth import make_volume
 from napari_lsmfm.tasks import (
@@ -28,7 +29,6 @@ from napari_lsmfm.tasks import (
     segment,
     split_instances,
 )
-from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 SHAPE = (48, 128, 128)
 VOXEL = (2.0, 1.0, 1.0)

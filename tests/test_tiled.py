@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 from napari_lsmfm.engine.tiled import (
     DeviceMemoryError,
     TileGrid,
@@ -15,7 +16,6 @@ from napari_lsmfm.engine.tiled import (
     predict_points,
     predict_tiled,
 )
-from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 
 def pointwise(windows: np.ndarray) -> np.ndarray:

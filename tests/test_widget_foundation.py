@@ -5,8 +5,8 @@ import time
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_lsmfm.widgets.state import foundation_slot
 from napari_lsmfm.engine.jobs import JobContext
+from napari_lsmfm.widgets.state import foundation_slot
 
 pytestmark = pytest.mark.gui
 

@@ -8,6 +8,8 @@ levels = fm.features(x)     # multi-scale maps, finest first
 emb = fm.embed_image(x)     # (1, proj_dim or embed_dim), L2-normalised
 """
 
+from napari_lsmfm.engine.device import amp_dtype, available_devices, resolve_device
+
 from .checkpoints import (
     DEFAULT_MODEL_DIR,
     CheckpointError,
@@ -19,7 +21,6 @@ from .checkpoints import (
     read_torch_checkpoint,
     save_foundation,
 )
-from napari_lsmfm.engine.device import amp_dtype, available_devices, resolve_device
 from .foundation import (
     NORMALIZATION,
     Foundation,

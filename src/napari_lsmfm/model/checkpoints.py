@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import backbones
 from napari_lsmfm.engine.device import resolve_device
+
+from . import backbones
 from .foundation import NORMALIZATION, Foundation, FoundationSpec
 from .text import TextTower, TextTowerUnavailable, bert_config_from_state
 

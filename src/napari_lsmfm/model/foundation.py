@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backbones
 from napari_lsmfm.engine.device import amp_dtype, resolve_device
+
+from . import backbones
 from .text import TextTower
 
 VARIANTS = ("image_text", "image_only")

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from napari_lsmfm.engine.jobs import Cancelled, JobContext
 from napari_lsmfm.model import (
     Foundation,
     FoundationSpec,
@@ -46,7 +47,6 @@ from napari_lsmfm.model import (
     save_foundation,
 )
 from napari_lsmfm.model.backbones import count_parameters
-from napari_lsmfm.engine.jobs import Cancelled, JobContext
 
 from .data import BatchStream, PatchSource, as_patch_size, open_source
 from .masking import MASKING_MODES, apply_mask, cube_mask, mask_ratio_at

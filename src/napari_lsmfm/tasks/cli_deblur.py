@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from napari_lsmfm.io import open_volume, write_volume
     from napari_lsmfm.engine.jobs import JobContext, terminal_progress
+    from napari_lsmfm.io import open_volume, write_volume
 
     from .deblur import Deblurrer, check_deblur_input, deblur, load_default_deblur
 

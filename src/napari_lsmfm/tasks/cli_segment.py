@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from napari_lsmfm.engine.jobs import JobContext, terminal_progress
     from napari_lsmfm.io import open_volume
     from napari_lsmfm.model import load_foundation
-    from napari_lsmfm.engine.jobs import JobContext, terminal_progress
 
     from .segment import SegmentConfig, Segmenter, SparseLabels, check_image
 

@@ -49,15 +49,14 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from torch import nn
 
-from napari_lsmfm.engine.tiled import DeviceMemoryError, predict_tiled
 from napari_lsmfm.engine.jobs import Cancelled
-
 from napari_lsmfm.engine.store import (
     check_foundation,
     foundation_record,
     load_task_model,
     save_task_model,
 )
+from napari_lsmfm.engine.tiled import DeviceMemoryError, predict_tiled
 
 from .heads import DenseHead
 from .rl import check_psf, gaussian_psf, psf_sigma_voxels, read_psf, richardson_lucy

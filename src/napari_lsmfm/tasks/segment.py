@@ -53,22 +53,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_lsmfm.engine.tiled import (
-    DEFAULT_TILE,
-    DeviceMemoryError,
-    predict_points,
-    predict_tiled,
-)
 from napari_lsmfm.engine.jobs import Cancelled, span
-
-from .filters import filter_bank, n_channels
 from napari_lsmfm.engine.store import (
     check_foundation,
     foundation_record,
     load_task_model,
     save_task_model,
 )
+from napari_lsmfm.engine.tiled import (
+    DEFAULT_TILE,
+    DeviceMemoryError,
+    predict_points,
+    predict_tiled,
+)
 
+from .filters import filter_bank, n_channels
 from .heads import VoxelHead
 from .instances import split_instances
 

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_lsmfm.engine.jobs import JobContext, Update
 from napari_lsmfm.widgets.parts import (
     DeviceCombo,
     LayerCombo,
@@ -46,7 +47,6 @@ from napari_lsmfm.widgets.parts import (
     row,
     show_update,
 )
-from napari_lsmfm.engine.jobs import JobContext, Update
 from napari_lsmfm.widgets.runner import JobRunner
 
 if TYPE_CHECKING:

@@ -23,10 +23,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_lsmfm.widgets.parts import DeviceCombo, row, show_update
-from napari_lsmfm.widgets.state import foundation_slot
 from napari_lsmfm.engine.jobs import JobContext, Update
+from napari_lsmfm.widgets.parts import DeviceCombo, row, show_update
 from napari_lsmfm.widgets.runner import JobRunner
+from napari_lsmfm.widgets.state import foundation_slot
 
 if TYPE_CHECKING:
     import napari

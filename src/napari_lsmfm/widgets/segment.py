@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_lsmfm.engine.jobs import JobContext, Update
 from napari_lsmfm.widgets.parts import (
     DeviceCombo,
     LayerCombo,
@@ -35,9 +36,8 @@ from napari_lsmfm.widgets.parts import (
     row,
     show_update,
 )
-from napari_lsmfm.widgets.state import foundation_slot
-from napari_lsmfm.engine.jobs import JobContext, Update
 from napari_lsmfm.widgets.runner import JobRunner
+from napari_lsmfm.widgets.state import foundation_slot
 
 if TYPE_CHECKING:
     import napari
