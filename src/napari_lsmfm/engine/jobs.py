@@ -71,12 +71,9 @@ class JobContext:
         self.check()
 
     def progress_callback(self, start: float = 0.0, stop: float = 1.0) -> Callable[..., None]:
-        """A ``callback(fraction, message)`` mapping a sub-task's [0, 1] onto [start, stop]."""
-
-        def callback(fraction: float, message: str = "", **values: Any) -> None:
-            self.report(start + (stop - start) * float(fraction), message, **values)
-
-        return callback
+        """A ``callback(fraction, message)`` mapping a sub-task's [0, 1] onto [start, stop]
+        (the ``report`` of :func:`span`, for APIs that take a callback)."""
+        return Span(self, start, stop).report
 
 
 class QueueContext(JobContext, Generic[T]):

@@ -39,6 +39,7 @@ import numpy as np
 
 from .device import DeviceMemoryError, free_device_memory, is_out_of_memory
 from .grid import TileGrid, gaussian_weights, region_box
+from .jobs import span
 
 __all__ = [
     "DeviceMemoryError",
@@ -246,9 +247,9 @@ def predict_tiled(
     weights = gaussian_weights(grid.tile, sigma_scale) if blend == "gaussian" else None
     runner = _Runner(fn, batch_size, grid.tile)
     done = 0
-    p0, p1 = progress
+    ctx = span(ctx, *progress)
     if ctx is not None:
-        ctx.report(p0, f"{message}: 0/{total} tiles", tile=0, tiles=total)
+        ctx.report(0.0, f"{message}: 0/{total} tiles", tile=0, tiles=total)
     for box, origins in plan:
         b_lo = [i[0] for i in box]
         b_hi = [i[1] for i in box]
@@ -278,7 +279,7 @@ def predict_tiled(
                 _accumulate(values, wsum, y, o, grid, b_lo, b_hi, weights, crop)
             done += len(batch)
             if ctx is not None:
-                frac = p0 + (p1 - p0) * done / max(total, 1)
+                frac = done / max(total, 1)
                 ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
         if direct:
             continue
@@ -389,9 +390,9 @@ def predict_points(
     origins = list(members)
     runner = _Runner(fn, batch_size, grid.tile)
     total = len(origins)
-    p0, p1 = progress
+    ctx = span(ctx, *progress)
     if ctx is not None:
-        ctx.report(p0, f"{message}: 0/{total} tiles", tile=0, tiles=total)
+        ctx.report(0.0, f"{message}: 0/{total} tiles", tile=0, tiles=total)
     i = 0
     while i < total:
         batch = origins[i : i + runner.batch_size]
@@ -416,7 +417,7 @@ def predict_points(
                 wsum[idx] += w
         if ctx is not None:
             done = i
-            frac = p0 + (p1 - p0) * done / max(total, 1)
+            frac = done / max(total, 1)
             ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
     if not crop:
         values /= np.maximum(wsum, 1e-12)[:, None]
