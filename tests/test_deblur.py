@@ -21,11 +21,12 @@ from napari_lsmfm.tasks.deblur import (
     deblur,
     deblur_range,
     gaussian_psf,
+    psf_sigma_voxels,
+    read_psf,
     richardson_lucy,
     ssim3d,
     synthetic_pair,
 )
-from napari_lsmfm.tasks.rl import psf_sigma_voxels, read_psf
 
 TINY = {"architecture": "unet", "embed_dim": 4, "channels": [4, 8], "strides": [2],
         "num_res_units": 1, "norm": "BATCH"}
@@ -108,7 +109,7 @@ def test_rl_needs_one_psf_and_model_takes_at_most_its_sigma(pair):
 
 
 def test_missing_default_model_says_how_to_train(monkeypatch, tmp_path, pair):
-    import napari_lsmfm.tasks.deblur as mod
+    import napari_lsmfm.tasks.deblur.api as mod
 
     monkeypatch.setattr(mod, "DEFAULT_DEBLUR_DIR", tmp_path / "none")
     with pytest.raises(ValueError, match="no default deblur model is installed; train one"):
@@ -123,7 +124,7 @@ def test_output_keeps_shape_dtype_and_range(dtype):
     rng = np.random.default_rng(0)
     image = (rng.random((12, 24, 40)) * 200).astype(dtype)
     model = tiny_model()
-    out = model.predict(image)
+    out = model.predict(image).data
     assert out.shape == image.shape and out.dtype == image.dtype
     # untrained: the head starts at zero, so the network is the identity inside the range
     lo, hi = deblur_range(image)
@@ -133,7 +134,7 @@ def test_output_keeps_shape_dtype_and_range(dtype):
     # a network pushing every voxel to the top of its range: ints clip to the dtype's range
     with torch.no_grad():
         model.net.head.net[-1].bias.fill_(10.0)
-    out = model.predict(image)
+    out = model.predict(image).data
     assert out.dtype == image.dtype
     if np.dtype(dtype).kind == "u":
         assert abs(int(out.max()) - min(np.iinfo(dtype).max, round(hi))) <= 1
@@ -151,11 +152,11 @@ def test_tiles_leave_no_seams():
     image = (ndi.gaussian_filter(rng.random((24, 64, 64)), 1.5) * 4000 + 100).astype(np.uint16)
     model = tiny_model(perturb=0.3)
     model.config.tile = (24, 64, 64)
-    whole = model.predict(image).astype(np.float32)
+    whole = model.predict(image).data.astype(np.float32)
     assert np.abs(whole - image).mean() > 5  # the network does change the image
     model.config.tile = (16, 32, 32)
     model.config.overlap = 0.5
-    tiled = model.predict(image).astype(np.float32)
+    tiled = model.predict(image).data.astype(np.float32)
     change = np.abs(whole - image.astype(np.float32)).mean()
     diff = np.abs(tiled - whole)
     assert diff.mean() < 0.05 * change
@@ -171,11 +172,11 @@ def test_dask_input_fills_zarr_output_lazily(tmp_path, pair):
 
     model = tiny_model(perturb=0.1)
     model.config.tile = (16, 32, 32)
-    expected = model.predict(pair.image)
+    expected = model.predict(pair.image).data
     lazy = da.from_array(pair.image, chunks=(8, 24, 24))
     out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=pair.image.shape,
                           dtype=pair.image.dtype, chunks=(8, 24, 24))
-    returned = model.predict(lazy, out=out, intensity_range=deblur_range(pair.image))
+    returned = model.predict(lazy, out=out, intensity_range=deblur_range(pair.image)).data
     assert returned is out
     np.testing.assert_array_equal(np.asarray(out), expected)
 
@@ -235,7 +236,7 @@ def test_ssim_matches_monai():
 def test_fit_synthetic_lowers_the_loss():
     model = tiny_model(lr=1e-3)
     updates = []
-    result = model.fit_synthetic(JobContext(updates.append), steps=16)
+    result = model.fit(ctx=JobContext(updates.append), steps=16)
     assert result["steps_done"] == 16 and not result["stopped"]
     assert result["best_loss"] < result["start_loss"]
     assert updates[-1].fraction == 1.0 and "loss" in updates[-1].values
@@ -252,12 +253,11 @@ def test_fit_self_runs_and_cancel_keeps_the_best(pair):
 
     ctx = JobContext(stop_after_three)
     contexts.append(ctx)
-    result = model.fit_self(pair.image, ctx, psf_sigma_vox=(2.0, 1.0, 1.0), steps=50,
-                            voxel_size=(2.0, 1.0, 1.0))
+    result = model.fit(pair.image, (2.0, 1.0, 1.0), ctx, steps=50, voxel_size=(2.0, 1.0, 1.0))
     assert result["stopped"] and result["steps_done"] == 3
     assert result["best_loss"] <= result["start_loss"]
     assert model.trained_on[-1]["axial"] is True
-    out = model.predict(pair.image)
+    out = model.predict(pair.image).data
     assert out.shape == pair.image.shape and out.dtype == np.uint16
     # cancelled before the first step: Cancelled propagates and the weights are unchanged
     model2 = tiny_model(perturb=0.1)
@@ -265,7 +265,7 @@ def test_fit_self_runs_and_cancel_keeps_the_best(pair):
     ctx2 = JobContext()
     ctx2.cancel()
     with pytest.raises(Cancelled):
-        model2.fit_self(pair.image, ctx2, psf_sigma_vox=(2.0, 1.0, 1.0), steps=5)
+        model2.fit(pair.image, (2.0, 1.0, 1.0), ctx2, steps=5)
     after = model2.net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model2.trained
@@ -273,13 +273,13 @@ def test_fit_self_runs_and_cancel_keeps_the_best(pair):
 
 def test_save_load_round_trip(tmp_path, pair):
     model = tiny_model(perturb=0.2)
-    model.fit_synthetic(steps=2)
-    expected = model.predict(pair.image)
+    model.fit(steps=2)
+    expected = model.predict(pair.image).data
     model.config.device = "cuda:0"  # trained on a GPU: the model must still load anywhere
     folder = model.save(tmp_path / "deblur_model")
     assert (folder / "config.json").is_file() and (folder / "backbone.safetensors").is_file()
     loaded = Deblurrer.load(folder, device="cpu")
-    np.testing.assert_array_equal(loaded.predict(pair.image), expected)
+    np.testing.assert_array_equal(loaded.predict(pair.image).data, expected)
     np.testing.assert_array_equal(deblur(pair.image, model=folder, device="cpu"), expected)
     with pytest.raises(FileExistsError):
         model.save(folder)
@@ -291,7 +291,7 @@ def test_save_load_round_trip(tmp_path, pair):
 
 
 def _cli(argv):
-    from napari_lsmfm.tasks import cli_deblur
+    from napari_lsmfm.cli import deblur as cli_deblur
 
     parser = argparse.ArgumentParser(prog="lsmfm")
     cli_deblur.add_parser(parser.add_subparsers(dest="command"))
@@ -352,7 +352,8 @@ def test_cli_model_and_argument_errors(tmp_path, image_file, capsys):
 
 
 def test_train_default_writes_a_loadable_model(tmp_path, pair, monkeypatch, capsys):
-    import napari_lsmfm.tasks.deblur as mod
+    import napari_lsmfm.tasks.deblur.api as mod
+    from napari_lsmfm.cli import main as lsmfm
 
     out = tmp_path / "default_deblur"
     summary = mod.train_default_deblur(out, steps=2, foundation="small", device="cpu",
@@ -362,7 +363,7 @@ def test_train_default_writes_a_loadable_model(tmp_path, pair, monkeypatch, caps
     restored = deblur(pair.image, device="cpu")  # the "shipped" model is now this one
     assert restored.shape == pair.image.shape and restored.dtype == np.uint16
     # the command refuses to replace it without --overwrite: one line, exit status 2
-    assert mod.main(["--train-default", str(out), "--steps", "1"]) == 2
+    assert lsmfm(["train-deblur", "--out", str(out), "--steps", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -370,9 +371,9 @@ def test_psf_conditioning_starts_as_the_blind_network_and_uses_the_psf(pair):
     from napari_lsmfm.tasks.deblur import psf_code
 
     model = tiny_model(perturb=0.3)
-    blind = model.predict(pair.image)
+    blind = model.predict(pair.image).data
     model.net.enable_psf_condition()  # zero weights on the new inputs: nothing changes
-    np.testing.assert_array_equal(model.predict(pair.image, psf_sigma=(2, 1, 1)), blind)
+    np.testing.assert_array_equal(model.predict(pair.image, psf_sigma=(2, 1, 1)).data, blind)
     code = psf_code((2.0, 1.0, 1.0), 2)
     assert code.shape == (2, 4) and code[0].tolist() == [0.5, 0.5, 0.5, 1.0]
     assert psf_code(None, 1).abs().sum() == 0
@@ -381,21 +382,21 @@ def test_psf_conditioning_starts_as_the_blind_network_and_uses_the_psf(pair):
         for conv in model.net.modules():
             if isinstance(conv, torch.nn.Conv3d) and conv.in_channels == 8 + 4:
                 conv.weight[:, 8:].normal_(0, 0.5)
-    told = model.predict(pair.image, psf_sigma=(2, 1, 1))
+    told = model.predict(pair.image, psf_sigma=(2, 1, 1)).data
     assert np.abs(told.astype(np.float32) - blind).mean() > 0.5
-    assert np.abs(told.astype(np.float32) - model.predict(pair.image, psf_sigma=(4, 2, 2))
+    assert np.abs(told.astype(np.float32) - model.predict(pair.image, psf_sigma=(4, 2, 2)).data
                   ).mean() > 0.5
 
 
 def test_psf_conditioned_model_trains_saves_and_loads(tmp_path, pair):
     model = tiny_model(psf_condition=True, lr=1e-3)
-    result = model.fit_synthetic(steps=4)
+    result = model.fit(steps=4)
     assert result["steps_done"] == 4
     folder = model.save(tmp_path / "cond")
     again = Deblurrer.load(folder, device="cpu")
     assert again.net.psf_condition and again.config.psf_condition
-    np.testing.assert_array_equal(again.predict(pair.image, psf_sigma=(2, 1, 1)),
-                                  model.predict(pair.image, psf_sigma=(2, 1, 1)))
+    np.testing.assert_array_equal(again.predict(pair.image, psf_sigma=(2, 1, 1)).data,
+                                  model.predict(pair.image, psf_sigma=(2, 1, 1)).data)
     out = deblur(pair.image, model=again, psf_sigma_um=(4, 1, 1), voxel_size=(2, 1, 1))
     assert out.shape == pair.image.shape
 
@@ -411,5 +412,5 @@ def test_shipped_model_sharpens_held_out_volumes(kind):
     pair = synthetic_pair(kind, (32, 64, 64), (1, 1, 1), psf_sigma_vox=(3, 1, 1),
                           photons=300, seed=5)
     before = psnr(pair.sharp, pair.image)
-    assert psnr(pair.sharp, model.predict(pair.image, psf_sigma=(3, 1, 1))) > before + 3.0
-    assert psnr(pair.sharp, model.predict(pair.image)) > before + 3.0
+    assert psnr(pair.sharp, model.predict(pair.image, psf_sigma=(3, 1, 1)).data) > before + 3.0
+    assert psnr(pair.sharp, model.predict(pair.image).data) > before + 3.0

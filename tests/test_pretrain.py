@@ -469,7 +469,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path, corpus):
 
 
 def test_pretrain_cli_synthetic(tmp_path, capsys):
-    from napari_lsmfm.pretrain import cli
+    from napari_lsmfm.cli import pretrain as cli
 
     out = tmp_path / "m"
     common = ["pretrain", "--synthetic", "--synthetic-volumes", "2", "--out", str(out),

@@ -214,15 +214,15 @@ def test_full_mode_averages_the_finetuned_and_the_quick_model(foundation):
 
 
 def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
-    from napari_lsmfm.tasks.segment import _is_encoder
+    from napari_lsmfm.tasks.segment.full import is_encoder
 
     train = make_volume("nuclei", (32, 64, 64), VOXEL, seed=1)
     seg = Segmenter(foundation, mode="full", steps=4, freeze_steps=4, patch_size=(16, 32, 32))
     seg.fit(train.image, brush(train.labels, slices=(8, 16, 24)))
     original = foundation.backbone.state_dict()
     tuned = seg.net.foundation.backbone.state_dict()
-    encoder = [k for k in original if _is_encoder(k, "unet") and k.endswith("weight")]
-    decoder = [k for k in original if not _is_encoder(k, "unet") and k.endswith("weight")]
+    encoder = [k for k in original if is_encoder(k, "unet") and k.endswith("weight")]
+    decoder = [k for k in original if not is_encoder(k, "unet") and k.endswith("weight")]
     assert encoder and decoder
     assert all(torch.equal(original[k], tuned[k]) for k in encoder)
     assert any(not torch.equal(original[k], tuned[k]) for k in decoder)
@@ -231,7 +231,7 @@ def test_full_mode_keeps_the_encoder_frozen_during_warm_up(foundation):
 def test_full_mode_augmentations_keep_intensities_unless_asked():
     """Geometric augmentation (the default) only moves voxels; "all" also jitters their
     brightness; strokes move with their voxels either way."""
-    from napari_lsmfm.tasks.segment import _PatchSampler
+    from napari_lsmfm.tasks.segment.full import PatchSampler
 
     vol = make_volume("nuclei", (16, 32, 32), VOXEL, seed=3)
     sparse = SparseLabels.from_array(brush(vol.labels, slices=(4, 8, 12)), vol.image.shape)
@@ -239,7 +239,7 @@ def test_full_mode_augmentations_keep_intensities_unless_asked():
     irange = (float(vol.image.min()), float(vol.image.max()))
 
     def draw(augment):
-        sampler = _PatchSampler(vol.image, irange, sparse, targets, (16, 32, 32),
+        sampler = PatchSampler(vol.image, irange, sparse, targets, (16, 32, 32),
                                 np.random.default_rng(0), augment)
         return sampler.sample(4)
 
@@ -407,7 +407,7 @@ def test_full_mode_out_of_core(foundation):
 
 def test_roi_prediction_matches_the_whole(nuclei):
     roi = (slice(10, 30), slice(20, 100), slice(0, 64))
-    part = nuclei["seg"].predict(nuclei["test"].image, roi=roi)
+    part = nuclei["seg"].predict(nuclei["test"].image, region=roi)
     assert part.classes.shape == (20, 80, 64)
     np.testing.assert_array_equal(part.classes, nuclei["result"].classes[roi])
 
@@ -542,7 +542,7 @@ def test_segment_convenience(foundation):
 
 
 def run_cli(*argv: str) -> int:
-    from napari_lsmfm.tasks import cli_segment
+    from napari_lsmfm.cli import segment as cli_segment
 
     parser = argparse.ArgumentParser(prog="lsmfm")
     cli_segment.add_parser(parser.add_subparsers(dest="command"))

@@ -52,8 +52,7 @@ def wait_for(widgets: dict[str, Any], timeout: float = 300.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         QApplication.processEvents()
-        if not any(getattr(w, "busy", getattr(getattr(w, "runner", None), "running", False))
-                   for w in widgets.values()):
+        if not any(getattr(w, "busy", False) for w in widgets.values()):
             break
         time.sleep(0.05)
     for _ in range(20):  # let the finished signals and the last updates arrive

@@ -2,7 +2,16 @@
 
 Each subcommand parses its arguments, calls the same core functions the widgets use,
 and turns an expected failure (bad file, existing output) into one line on stderr
-and a non-zero exit status, never a traceback.
+and a non-zero exit status, never a traceback. One module per task (``segment``,
+``deblur``, ``pretrain``) adds its subcommand; :mod:`.common` holds what they share.
+Building the parser imports neither torch nor monai: each task imports them when it runs.
+
+    lsmfm sample OUTDIR                         # synthetic volumes and ground truth
+    lsmfm info [WEIGHTS]                        # describe foundation weights (JSON)
+    lsmfm segment IMAGE --labels BRUSHES --out OUT.tif
+    lsmfm deblur IMAGE --out OUT.tif
+    lsmfm train-deblur --out MODEL --steps N    # the shipped deblur model, retrained
+    lsmfm pretrain DATA --out WEIGHTS           # or: torchrun ... -m napari_lsmfm.cli pretrain
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
+from .common import EXIT_USER_ERROR, one_line
+
+__all__ = ["EXIT_USER_ERROR", "build_parser", "main"]
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
+def run_sample(args: argparse.Namespace) -> int:
+    """Run ``lsmfm sample``: write the sample volumes; prints one path a line."""
     from napari_lsmfm.synth import write_samples
 
     paths = write_samples(Path(args.outdir), overwrite=args.overwrite)
@@ -26,7 +38,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
+    """Run ``lsmfm info``: print the description of foundation weights as one JSON object."""
     from napari_lsmfm.model import inspect_checkpoint
 
     info = inspect_checkpoint(args.weights, trusted=args.trust, vocab=args.vocab)
@@ -35,6 +48,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lsmfm`` parser with every subcommand; each sets ``func(args) -> exit status``."""
     parser = argparse.ArgumentParser(
         prog="lsmfm",
         description="Light-sheet foundation model tasks on the command line.",
@@ -44,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write the synthetic sample volumes and ground truth")
     p.add_argument("outdir", help="folder for <kind>.tif and <kind>_labels.tif")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
-    p.set_defaults(func=_cmd_sample)
+    p.set_defaults(func=run_sample)
 
     p = sub.add_parser("info", help="describe foundation weights as one JSON object")
     p.add_argument(
@@ -56,16 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust", action="store_true",
         help="allow a checkpoint that needs full unpickling (can run code: trusted files only)",
     )
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=run_info)
 
-    # Task subcommands live beside their tasks; each sets its own `func`.
-    from napari_lsmfm.pretrain.cli import add_parser as add_pretrain
-    from napari_lsmfm.tasks.cli_deblur import add_parser as add_deblur
-    from napari_lsmfm.tasks.cli_segment import add_parser as add_segment
+    # Each task's module adds its subcommand(s); importing one does not import the others.
+    from . import deblur, pretrain, segment
 
-    add_segment(sub)
-    add_deblur(sub)
-    add_pretrain(sub)
+    segment.add_parser(sub)
+    deblur.add_parser(sub)
+    deblur.add_train_parser(sub)
+    pretrain.add_parser(sub)
     return parser
 
 
@@ -80,19 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # are OSErrors. LSMFM_DEBUG=1 shows the traceback.
         if os.environ.get("LSMFM_DEBUG"):
             raise
-        print(f"lsmfm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"lsmfm {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"lsmfm {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, (FileNotFoundError, FileExistsError)) and exc.filename:
-        text = f"{exc.strerror or text}: {exc.filename}" if exc.strerror else text
-    return " ".join(text.split())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,28 +1,34 @@
-"""``lsmfm deblur``: deblur a volume from the command line.
+"""``lsmfm deblur``: deblur a volume from the command line; ``lsmfm train-deblur``: train
+a deblur model on synthetic pairs.
 
     lsmfm deblur IMAGE --out OUT.tif                              # the shipped model
     lsmfm deblur IMAGE --out OUT.zarr --weights MY_MODEL          # a saved deblur model
     lsmfm deblur IMAGE --out OUT.tif --method rl --psf-sigma 3,1,1 --iterations 10
     lsmfm deblur IMAGE --out OUT.tif --method rl --psf-file psf.tif
+    lsmfm train-deblur --out MODEL --steps 3000 [--psf-condition ...]
 
 Same core as the widget (:func:`napari_lsmfm.tasks.deblur.deblur`). The output keeps the
 image's shape, dtype and voxel size. A ``.zarr`` output is filled block by block, so a
 volume larger than memory works; a ``.tif`` output is assembled in memory. An existing
 output is refused unless ``--overwrite``. Prints one JSON object describing the run.
+``train-deblur`` calls :func:`napari_lsmfm.tasks.deblur.train_default_deblur`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-# Output checks and the in-memory limit are the segment command's: one behaviour for both.
-from .cli_segment import IN_MEMORY_BYTES, _check_output
+from .common import (
+    Outputs,
+    check_output_path,
+    in_memory,
+    parse_triple,
+    print_summary,
+    user_errors,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,33 +66,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _numbers(text: str, name: str, kind=float, allow_one: bool = False) -> tuple:
-    try:
-        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise ValueError(f"--{name} must be numbers z,y,x, got {text!r}") from None
-    if allow_one and len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or min(values) <= 0:
-        raise ValueError(f"--{name} must be three positive numbers z,y,x, got {text!r}")
-    return values
-
-
+@user_errors
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm deblur``; returns the exit status (errors raise ValueError / OSError)."""
-    from napari_lsmfm.engine.tiled import DeviceMemoryError
-
-    try:
-        return _run(args)
-    except DeviceMemoryError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from napari_lsmfm.engine.jobs import JobContext, terminal_progress
-    from napari_lsmfm.io import open_volume, write_volume
-
-    from .deblur import Deblurrer, check_deblur_input, deblur, load_default_deblur
+    from napari_lsmfm.io import open_volume
+    from napari_lsmfm.io.check import check_volume
+    from napari_lsmfm.tasks.deblur import Deblurrer, deblur, load_default_deblur
 
     if args.method == "model" and (args.psf_file is not None or args.iterations is not None):
         raise ValueError("--psf-file and --iterations belong to --method rl (the model takes "
@@ -96,19 +82,18 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--weights belongs to --method model; rl needs a PSF instead")
         if (args.psf_sigma is None) == (args.psf_file is None):
             raise ValueError("--method rl needs a PSF: give --psf-sigma z,y,x or --psf-file")
-    out_path = _check_output(args.out, args.overwrite)
+    out_path = check_output_path(args.out, args.overwrite)
     if args.psf_file is not None and not Path(args.psf_file).expanduser().is_file():
         raise FileNotFoundError(2, "no PSF file here", str(args.psf_file))
-    tile = _numbers(args.tile, "tile", int) if args.tile else None
-    voxel_arg = _numbers(args.voxel_size, "voxel-size") if args.voxel_size else None
+    tile = parse_triple(args.tile or None, "tile", int)
+    voxel_arg = parse_triple(args.voxel_size or None, "voxel-size")
 
     volume = open_volume(args.image)
     image = volume.data
     voxel_size = voxel_arg or volume.voxel_size
-    nbytes = int(np.prod(image.shape)) * np.dtype(image.dtype).itemsize
-    if nbytes <= IN_MEMORY_BYTES:
-        image = np.asarray(image)
-    check_deblur_input(image)  # before loading a model: bad input fails fast
+    image = in_memory(image)
+    # before loading a model: bad input fails fast
+    check_volume(image, "deblurring", values=True, min_size=2)
 
     options: dict[str, Any] = {"method": args.method}
     summary: dict[str, Any] = {"image": str(args.image), "shape": list(image.shape),
@@ -125,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         options["psf"] = args.psf_file
         summary["psf"] = str(args.psf_file)
     elif args.psf_sigma is not None:
-        sigma = _numbers(args.psf_sigma, "psf-sigma", allow_one=True)
+        sigma = parse_triple(args.psf_sigma, "psf-sigma", allow_one=True)
         if args.psf_unit == "um":
             if voxel_size is None:
                 raise ValueError(
@@ -140,25 +125,17 @@ def _run(args: argparse.Namespace) -> int:
         options["iterations"] = args.iterations
         summary["iterations"] = args.iterations or 10
 
-    target = None
-    if out_path.name.lower().endswith(".zarr"):
-        import dask.array as da
-        import zarr
-
-        chunks = (64, 256, 256)
-        empty = da.zeros(image.shape, dtype=image.dtype, chunks=chunks)
-        write_volume(out_path, empty, voxel_size=voxel_size, overwrite=args.overwrite,
-                     chunks=chunks)
-        target = zarr.open_array(str(out_path / "0"), mode="r+")
+    # the checked image holds integers or floats: the output keeps its dtype
+    outputs = Outputs(voxel_size, args.overwrite)
+    target = outputs.array(out_path, image.shape, image.dtype, "image")
     show = None if args.quiet else terminal_progress("deblur ")
     t0 = time.perf_counter()
-    result = deblur(image, ctx=JobContext(show), out=target, **options)
+    deblur(image, ctx=JobContext(show), out=target, **options)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    if target is None:
-        write_volume(out_path, result, voxel_size=voxel_size, overwrite=args.overwrite)
+    outputs.finish()
     summary["out"] = str(out_path)
     summary["voxel_size"] = list(voxel_size) if voxel_size else None
-    print(json.dumps(summary))
+    print_summary(summary)
     return 0
 
 
@@ -172,3 +149,70 @@ def _load_model(cls, path: str, device: str):
                 f"{path} is not one"
             ) from None
         raise
+
+
+# ------------------------------------------------------------------ lsmfm train-deblur
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``train-deblur`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "train-deblur",
+        help="train a deblur model (the shipped one's recipe) on synthetic pairs",
+        description=(
+            "Train the shipped deblur model on synthetic pairs and save it to OUT "
+            "(model.safetensors + config.json). Prints the fit summary as one JSON object."
+        ),
+    )
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="folder to write (the shipped one is napari_lsmfm/model/default_deblur)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (3000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--foundation", default="auto",
+                   help="auto (the default foundation if installed, else small), small, "
+                        "or a path to foundation weights")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (2e-3)")
+    p.add_argument("--l2", type=float, default=None,
+                   help="weight of the mean-squared-error term of the loss (10)")
+    p.add_argument("--psnr", type=float, default=None,
+                   help="weight of the per-patch log-MSE (PSNR) term of the loss (0)")
+    p.add_argument("--psf-condition", action="store_true",
+                   help="the network also takes the PSF sigmas when known (non-blind)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="continue from a saved deblur model instead of a new network")
+    p.add_argument("--patch-size", default=None,
+                   help="training patch z,y,x in voxels (32,64,64)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=run_train)
+    return p
+
+
+@user_errors
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``lsmfm train-deblur``; prints the fit summary as one JSON line; returns 0."""
+    extra: dict[str, Any] = {
+        k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
+                          ("l2", args.l2), ("psnr", args.psnr)) if v is not None
+    }
+    if args.psf_condition:
+        extra["psf_condition"] = True
+    if args.patch_size:
+        extra["patch_size"] = parse_triple(args.patch_size, "patch-size", int)
+
+    import torch
+
+    from napari_lsmfm.engine.jobs import JobContext, terminal_progress
+    from napari_lsmfm.tasks.deblur import train_default_deblur
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = train_default_deblur(
+        args.out, steps=args.steps, seed=args.seed, device=args.device,
+        foundation=args.foundation, overwrite=args.overwrite,
+        ctx=JobContext(terminal_progress("deblur ")), init=args.init, **extra,
+    )
+    print_summary(summary)
+    return 0

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from .loop import ARCH_PRESETS, OBJECTIVES, PretrainConfig
+from napari_lsmfm.pretrain.config import ARCH_PRESETS, OBJECTIVES, PretrainConfig
+
+from .common import print_summary, run_subcommand
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -171,9 +173,8 @@ def _loss_weights(text: str | None) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm pretrain``; prints the final losses as one JSON line; returns 0."""
     from napari_lsmfm.engine.jobs import run_job, terminal_progress
-
-    from .data import SYNTHETIC_PREFIX, open_source
-    from .loop import pretrain
+    from napari_lsmfm.pretrain.data import SYNTHETIC_PREFIX, open_source
+    from napari_lsmfm.pretrain.loop import pretrain
 
     if args.synthetic and args.data and not str(args.data).startswith(SYNTHETIC_PREFIX):
         raise ValueError("give either DATA or --synthetic, not both")
@@ -196,18 +197,11 @@ def run(args: argparse.Namespace) -> int:
         on_update=terminal_progress("pretrain ") if main else None,
     )
     if main:
-        sys.stdout.write(json.dumps(result) + "\n")
+        print_summary(result)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m napari_lsmfm.pretrain.cli``) until ``lsmfm`` wires it."""
-    parser = argparse.ArgumentParser(prog="lsmfm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lsmfm pretrain ...`` alone (``argv`` starts with "pretrain"); errors are raised,
+    not printed (for tests and scripts)."""
+    return run_subcommand(add_parser, argv)

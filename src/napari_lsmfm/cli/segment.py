@@ -12,16 +12,19 @@ A ``.zarr`` output is filled block by block, so a volume larger than memory work
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# Images up to this size are read into memory once (faster than window-by-window reads).
-IN_MEMORY_BYTES = 2 * 2**30
-VOLUME_SUFFIXES = (".tif", ".tiff", ".zarr")
+from .common import (
+    Outputs,
+    check_output_path,
+    in_memory,
+    parse_triple,
+    print_summary,
+    user_errors,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,84 +73,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _triple(text: str | None, name: str, kind=float) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise ValueError(f"--{name} must be three numbers z,y,x, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise ValueError(f"--{name} must be three positive numbers z,y,x, got {text!r}")
-    return values
-
-
-def _check_output(path: str | None, overwrite: bool, *, folder: bool = False) -> Path | None:
-    if path is None:
-        return None
-    target = Path(path).expanduser()
-    if not folder and not target.name.lower().endswith(VOLUME_SUFFIXES):
-        raise ValueError(f"{target.name}: outputs end in .tif, .tiff or .zarr (e.g. out.tif)")
-    if (target.exists() or target.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    if not target.parent.exists():
-        raise FileNotFoundError(2, "the output folder does not exist", str(target.parent))
-    return target
-
-
-class _Outputs:
-    """Targets of one run: zarr arrays filled in place, or numpy written at the end."""
-
-    def __init__(self, voxel_size, overwrite: bool) -> None:
-        self.voxel_size = voxel_size
-        self.overwrite = overwrite
-        self.pending: list[tuple[Path, Any, str]] = []
-        self.written: list[str] = []
-
-    def array(self, path: Path | None, shape, dtype, kind: str) -> Any:
-        if path is None:
-            return None
-        if path.name.lower().endswith(".zarr"):
-            import dask.array as da
-            import zarr
-
-            from napari_lsmfm.io import write_volume
-
-            chunks = (64, 256, 256)
-            empty = da.zeros(shape, dtype=dtype, chunks=(1,) * (len(shape) - 3) + chunks)
-            write_volume(path, empty, voxel_size=self.voxel_size, kind=kind,
-                         overwrite=self.overwrite, chunks=chunks)
-            self.written.append(str(path))
-            return zarr.open_array(str(path / "0"), mode="r+")
-        array = np.zeros(shape, dtype)
-        self.pending.append((path, array, kind))
-        return array
-
-    def finish(self) -> None:
-        from napari_lsmfm.io import write_volume
-
-        for path, array, kind in self.pending:
-            write_volume(path, array, voxel_size=self.voxel_size, kind=kind,
-                         overwrite=self.overwrite)
-            self.written.append(str(path))
-
-
+@user_errors
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm segment``; returns the exit status (errors raise ValueError / OSError)."""
-    from napari_lsmfm.engine.tiled import DeviceMemoryError
-
-    try:
-        return _run(args)
-    except DeviceMemoryError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from napari_lsmfm.engine.jobs import JobContext, terminal_progress
     from napari_lsmfm.io import open_volume
+    from napari_lsmfm.io.check import check_volume
     from napari_lsmfm.model import load_foundation
-
-    from .segment import SegmentConfig, Segmenter, SparseLabels, check_image
+    from napari_lsmfm.tasks.segment import SegmentConfig, Segmenter, SparseLabels
 
     if (args.labels is None) == (args.model is None):
         raise ValueError("give either --labels (train on brush strokes) or --model (apply a "
@@ -158,16 +91,16 @@ def _run(args: argparse.Namespace) -> int:
         SegmentConfig(quick_weight=args.quick_weight)  # says what is wrong with the value
         if args.model is None and args.mode != "full":
             raise ValueError("--quick-weight belongs to full mode: add --mode full")
-    out_path = _check_output(args.out, args.overwrite)
-    prob_path = _check_output(args.probabilities, args.overwrite)
-    unc_path = _check_output(args.uncertainty, args.overwrite)
-    inst_path = _check_output(args.instances, args.overwrite)
-    model_path = _check_output(args.save_model, args.overwrite, folder=True)
+    out_path = check_output_path(args.out, args.overwrite)
+    prob_path = check_output_path(args.probabilities, args.overwrite)
+    unc_path = check_output_path(args.uncertainty, args.overwrite)
+    inst_path = check_output_path(args.instances, args.overwrite)
+    model_path = check_output_path(args.save_model, args.overwrite, folder=True)
     given = [p for p in (out_path, prob_path, unc_path, inst_path, model_path) if p is not None]
     if len({p.resolve() for p in given}) != len(given):
         raise ValueError("two outputs name the same file; give each output its own name")
-    tile = _triple(args.tile, "tile", int)
-    voxel_arg = _triple(args.voxel_size, "voxel-size")
+    tile = parse_triple(args.tile, "tile", int)
+    voxel_arg = parse_triple(args.voxel_size, "voxel-size")
     inst_classes = None
     if args.instance_classes:
         try:
@@ -177,11 +110,9 @@ def _run(args: argparse.Namespace) -> int:
 
     volume = open_volume(args.image)
     image = volume.data
-    check_image(image)
+    check_volume(image)
     voxel_size = voxel_arg or volume.voxel_size
-    nbytes = int(np.prod(image.shape)) * np.dtype(image.dtype).itemsize
-    if nbytes <= IN_MEMORY_BYTES:
-        image = np.asarray(image)
+    image = in_memory(image)
 
     show = None if args.quiet else terminal_progress("segment ")
     summary: dict[str, Any] = {"image": str(args.image), "shape": list(image.shape)}
@@ -226,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
                              "only --quick-weight 0 applies to it")
         seg.config.quick_weight = args.quick_weight
 
-    outputs = _Outputs(voxel_size, args.overwrite)
+    outputs = Outputs(voxel_size, args.overwrite)
     n_out = len(seg.channel_values)
     cdtype = np.uint8 if max(seg.channel_values) <= 255 else np.uint16
     targets = {
@@ -246,5 +177,5 @@ def _run(args: argparse.Namespace) -> int:
     outputs.finish()
     summary["predict_seconds"] = result.stats.get("predict_seconds")
     summary["outputs"] = outputs.written
-    print(json.dumps(summary))
+    print_summary(summary)
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .volume import TIFF_SUFFIXES, ZARR_SUFFIXES, open_volume
-from .write import _stem, write_volume
+from .write import volume_stem, write_volume
 
 __all__ = ["napari_get_reader", "read_volume_layers", "write_image", "write_labels"]
 
@@ -43,7 +43,7 @@ def read_volume_layers(path: str | os.PathLike | list) -> list[LayerData]:
         path = path[0]
     vol = open_volume(path)
     levels = vol.metadata.get("multiscale_levels") or [vol.data]
-    stem = _stem(Path(os.fspath(path).rstrip("/\\")))
+    stem = volume_stem(Path(os.fspath(path).rstrip("/\\")))
     meta: dict[str, Any] = {"name": stem, "metadata": _layer_metadata(vol)}
     if vol.voxel_size is not None:
         meta["scale"] = vol.voxel_size

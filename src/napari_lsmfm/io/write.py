@@ -3,14 +3,13 @@
 Dask input is written a slab (TIFF) or a chunk (Zarr) at a time, so a result larger
 than memory is saved without loading it whole. Nothing is written in place: the file
 is assembled under a hidden temporary name next to the target and moved over it at
-the end, so a failed write never leaves a half-written file under the user's name.
+the end (:func:`~napari_lsmfm.engine.store.atomic_write`), so a failed write never
+leaves a half-written file under the user's name.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +17,12 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 
-from .volume import TIFF_SUFFIXES, ZARR_SUFFIXES, _looks_like_zarr
+from napari_lsmfm.engine.store import atomic_write
 
-__all__ = ["write_volume"]
+from .volume import TIFF_SUFFIXES, ZARR_SUFFIXES
+from .zarr_in import looks_like_zarr
+
+__all__ = ["volume_stem", "write_volume"]
 
 _BIGTIFF_BYTES = 2 * 10**9  # classic TIFF offsets end at 4 GiB; leave room for metadata
 _SLAB_BYTES = 64 * 2**20  # TIFF: planes computed per step
@@ -80,17 +82,14 @@ def write_volume(
     axes = {2: "YX", 3: "ZYX", 4: "CZYX"}[arr.ndim]
 
     _check_target(path, overwrite, want_dir=(fmt == "zarr"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def write(tmp: Path) -> None:
         if fmt == "tiff":
             _write_tiff(tmp, arr, axes, voxel_size)
         else:
-            _write_zarr(tmp, arr, axes, voxel_size, kind, chunks, name=_stem(path))
-        _replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+            _write_zarr(tmp, arr, axes, voxel_size, kind, chunks, name=volume_stem(path))
+
+    atomic_write(path, write)
     return path
 
 
@@ -105,7 +104,7 @@ def _check_target(path: Path, overwrite: bool, want_dir: bool) -> None:
             f"{path} already exists; choose another name or pass overwrite=True "
             "(--overwrite on the command line)"
         )
-    if path.is_dir() and not (want_dir and _looks_like_zarr(path)):
+    if path.is_dir() and not (want_dir and looks_like_zarr(path)):
         # never delete a folder we cannot recognise as a Zarr store
         raise FileExistsError(
             f"{path} is a folder that is not a Zarr store; it will not be replaced. "
@@ -113,27 +112,9 @@ def _check_target(path: Path, overwrite: bool, want_dir: bool) -> None:
         )
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    elif tmp.is_dir() and (path.exists() or path.is_symlink()):
-        path.unlink()  # a file (or link) where a Zarr folder goes
-        os.replace(tmp, path)
-    else:
-        os.replace(tmp, path)  # atomic for files on one file system
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
-        p.unlink()
-
-
-def _stem(path: Path) -> str:
+def volume_stem(path: Path) -> str:
+    """The file name without its volume suffix (.ome.tif, .ome.zarr, .tiff, .zarr, ...):
+    the layer or image name."""
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr"):
         if name.lower().endswith(suffix):

@@ -30,6 +30,7 @@ import torch
 from napari_lsmfm.model.foundation import normalize_intensity, percentile_range
 
 from .captions import CaptionTable, load_captions
+from .config import as_patch_size
 
 SYNTHETIC_PREFIX = "synthetic://"
 _TIFF = (".tif", ".tiff")
@@ -67,14 +68,6 @@ class PatchSource(Protocol):
     def sample(self, rng: np.random.Generator) -> Patch: ...
 
     def describe(self) -> dict: ...
-
-
-def as_patch_size(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
-    """An int or (D, H, W) as a (D, H, W) tuple of positive voxel counts."""
-    size = (patch_size,) * 3 if isinstance(patch_size, (int, np.integer)) else tuple(patch_size)
-    if len(size) != 3 or min(int(s) for s in size) < 1:
-        raise ValueError(f"patch size must be a positive int or (D, H, W), got {patch_size!r}")
-    return tuple(int(s) for s in size)
 
 
 def _corner(rng: np.random.Generator, size: int, patch: int) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-MASKING_MODES = ("cube", "intensity")
+from .config import MASKING_MODES
 
 
 def mask_ratio_at(step: int, warmup_steps: int, warmup_ratio: float, ratio: float) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .optics import blur, degrade, gaussian_psf_sigma_vox
+from .optics import blur, degrade, excite, gaussian_psf_sigma_vox
 from .samples import load_sample, write_samples
 from .structures import KINDS, make_structures
 
@@ -21,6 +21,7 @@ __all__ = [
     "SynthVolume",
     "blur",
     "degrade",
+    "excite",
     "gaussian_psf_sigma_vox",
     "load_sample",
     "make_structures",

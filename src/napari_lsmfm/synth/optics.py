@@ -85,6 +85,44 @@ def stripe_field(shape: Sequence[int], strength: float, rng: np.random.Generator
     return (1.0 / (1.0 + k * absorb)).astype(np.float32)
 
 
+def _check_artefacts(stripes: float, attenuation: float, illumination: float) -> None:
+    for name, value in (
+        ("stripes", stripes),
+        ("attenuation", attenuation),
+        ("illumination", illumination),
+    ):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def excite(
+    clean: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    stripes: float,
+    attenuation: float,
+    illumination: float,
+) -> np.ndarray:
+    """The fluorophore density as the light sheet excites it: ``clean`` times the uneven
+    illumination, the fade with depth and the shadow stripes (the first step of
+    :func:`degrade`; the emitting density a deblurred image should show).
+
+    Args:
+        clean: (Z, Y, X) float in [0, 1], the fluorophore density.
+        rng: source of the illumination offset and the shadows (drawn in that order).
+        stripes / attenuation / illumination: as in :func:`degrade`, each in [0, 1).
+
+    Returns:
+        (Z, Y, X) float32, in [0, 1].
+    """
+    clean = np.asarray(clean, np.float32)
+    _check_artefacts(stripes, attenuation, illumination)
+    excited = clean * illumination_field(clean.shape, illumination, rng)
+    excited *= depth_attenuation(clean.shape, attenuation)
+    excited *= stripe_field(clean.shape, stripes, rng)
+    return excited
+
+
 def degrade(
     clean: np.ndarray,
     rng: np.random.Generator,
@@ -118,18 +156,11 @@ def degrade(
     clean = np.asarray(clean, np.float32)
     if clean.ndim != 3:
         raise ValueError(f"degrade needs a (Z, Y, X) volume, got shape {clean.shape}")
-    for name, value in (
-        ("stripes", stripes),
-        ("attenuation", attenuation),
-        ("illumination", illumination),
-    ):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    _check_artefacts(stripes, attenuation, illumination)
     if photons <= 0 or read_noise < 0 or background < 0:
         raise ValueError("photons must be > 0; read_noise and background >= 0")
-    excited = clean * illumination_field(clean.shape, illumination, rng)
-    excited *= depth_attenuation(clean.shape, attenuation)
-    excited *= stripe_field(clean.shape, stripes, rng)
+    excited = excite(clean, rng, stripes=stripes, attenuation=attenuation,
+                     illumination=illumination)
     signal = blur(excited, psf_sigma_vox)
     expected = np.float32(background) + np.float32(photons) * np.clip(signal, 0, None)
     counts = rng.poisson(expected).astype(np.float32)

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from napari_lsmfm.io.check import check_volume
+
 from .filters import filter_bank_numpy
-from .segment import SegmentationResult, SparseLabels, _entropy, check_image
+from .segment import SegmentationResult, SparseLabels, normalized_entropy
 
 __all__ = ["PixelClassifier", "filter_features"]
 
@@ -77,7 +79,7 @@ class PixelClassifier:
                 "the random-forest baseline needs scikit-learn: pip install "
                 "'napari-lsmfm[baseline]'"
             ) from err
-        check_image(image)
+        check_volume(image, "segmentation")
         sparse = brushes if isinstance(brushes, SparseLabels) else SparseLabels.from_array(
             brushes, image.shape
         )
@@ -97,7 +99,7 @@ class PixelClassifier:
         and the normalised-entropy uncertainty of a (Z, Y, X) volume."""
         if self.forest is None:
             raise ValueError("the classifier is not trained yet: call fit first")
-        check_image(image)
+        check_volume(image, "segmentation")
         feats = filter_features(np.asarray(image), self.sigmas, self.voxel_size)
         flat = feats.reshape(feats.shape[0], -1).T
         probs = np.zeros((len(self.channel_values), flat.shape[0]), np.float32)
@@ -109,6 +111,6 @@ class PixelClassifier:
         return SegmentationResult(
             classes=lut[np.argmax(probs, 0)].astype(dtype),
             probabilities=probs,
-            uncertainty=_entropy(probs),
+            uncertainty=normalized_entropy(probs),
             channel_values=self.channel_values,
         )

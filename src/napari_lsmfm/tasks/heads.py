@@ -2,13 +2,17 @@
 :mod:`napari_lsmfm.engine.store`).
 
 Heads:
-- :class:`VoxelHead`: a per-voxel MLP on cached feature vectors (quick mode); input
+- :class:`VoxelHead`: a per-voxel MLP on feature vectors (segmentation: on the cached
+  features in quick mode, on the finetuned backbone's in full mode); input
   standardisation is part of the module, so the saved weights are self-contained.
-- :class:`DenseHead`: a small conv head on the foundation's dense output plus the
-  normalised intensity (full mode, trained end to end with the backbone).
+- :class:`DenseHead`: a small conv head on the foundation's dense output (the
+  deblurring network's, trained end to end with the backbone).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +42,14 @@ class VoxelHead(nn.Module):
             width = self.hidden
         layers.append(nn.Linear(width, self.n_out))
         self.mlp = nn.Sequential(*layers)
+
+    @classmethod
+    def from_saved(cls, settings: Mapping[str, Any], state: Mapping[str, Any]) -> VoxelHead:
+        """A head from its saved :meth:`settings` and state dict."""
+        head = cls(settings["in_channels"], settings["n_out"], settings["hidden"],
+                   settings.get("depth", 2), settings.get("dropout", 0.0))
+        head.load_state_dict(state)
+        return head
 
     def set_standardization(self, samples: torch.Tensor) -> None:
         """Per-channel mean and std from training vectors (N, C_in)."""

@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QPointF, Qt, QTimer
+from qtpy.QtCore import QObject, QPointF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QSizePolicy, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QSizePolicy,
+    QWidget,
+)
 
 PLUGIN_KEY = "napari-lsmfm"
+
+
+def follow(owner: QObject, signal: Any, method: Callable[..., Any]) -> Callable[[], None]:
+    """Connect a napari or psygnal ``signal`` to ``method`` of ``owner`` while ``owner`` lives.
+
+    The connection holds ``owner`` weakly and is dropped when Qt destroys it (widget or
+    viewer closed), so no callback ever reaches a deleted Qt object. Returns a function
+    that drops it sooner.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def relay(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    def drop(*_: Any) -> None:
+        signal.disconnect(relay)
+
+    signal.connect(relay)
+    owner.destroyed.connect(drop)
+    return drop
+
+
+def volume_layer(layer: Any) -> Any:
+    """``layer`` if it can be a task's input, else ValueError saying what to choose."""
+    if layer is None:
+        raise ValueError("choose an image layer (a 3D stack)")
+    if getattr(layer, "rgb", False):
+        raise ValueError(f"'{layer.name}' is RGB: use one grey-scale fluorescence channel")
+    return layer
+
+
+def image_data(layer: Any) -> Any:
+    """The array a task reads: the layer's data as is (numpy, dask, zarr), or for a
+    multiscale layer its highest-resolution level."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return data
 
 
 class LayerCombo(QComboBox):
@@ -21,7 +70,7 @@ class LayerCombo(QComboBox):
         self.layer_type = layer_type  # "Image" or "Labels"
         events = viewer.layers.events
         for name in ("inserted", "removed", "reordered"):
-            getattr(events, name).connect(self.refresh)
+            follow(self, getattr(events, name), self.refresh)
         self.refresh()
 
     def _names(self) -> list[str]:
@@ -88,12 +137,34 @@ class LossPlot(QWidget):
 
 
 def row(*widgets: QWidget) -> QWidget:
+    """``widgets`` side by side."""
     box = QWidget()
     lay = QHBoxLayout(box)
     lay.setContentsMargins(0, 0, 0, 0)
     for w in widgets:
         lay.addWidget(w)
     return box
+
+
+def subform(box: QWidget) -> QFormLayout:
+    """A form layout filling ``box`` edge to edge (a part of a larger form)."""
+    form = QFormLayout(box)
+    form.setContentsMargins(0, 0, 0, 0)
+    return form
+
+
+def sigma_spins(values: tuple[float, float, float]) -> list[QDoubleSpinBox]:
+    """Three spin boxes for Gaussian PSF sigmas (z, y, x), 0.1-100."""
+    spins = []
+    for axis, value in zip("zyx", values, strict=True):
+        spin = QDoubleSpinBox()
+        spin.setRange(0.1, 100.0)
+        spin.setSingleStep(0.1)
+        spin.setDecimals(2)
+        spin.setValue(value)
+        spin.setToolTip(f"Gaussian PSF sigma along {axis}")
+        spins.append(spin)
+    return spins
 
 
 def put_result_layer(viewer: Any, name: str, data: Any, kind: str, **kwargs: Any) -> Any:
@@ -119,6 +190,16 @@ def put_result_layer(viewer: Any, name: str, data: Any, kind: str, **kwargs: Any
     metadata[PLUGIN_KEY] = name
     adder = {"labels": viewer.add_labels, "image": viewer.add_image}[kind]
     return adder(data, name=candidate, metadata=metadata, **kwargs)
+
+
+def put_layer(viewer: Any, layer_data: tuple[Any, dict, str], name: str | None = None) -> Any:
+    """:func:`put_result_layer` for one napari ``(data, kwargs, layer_type)`` tuple (what
+    ``TaskResult.layers`` returns); ``name`` replaces the tuple's name."""
+    data, kwargs, kind = layer_data
+    kwargs = dict(kwargs)
+    name = name or kwargs.pop("name")
+    kwargs.pop("name", None)
+    return put_result_layer(viewer, name, data, kind, **kwargs)
 
 
 class LayerQueue:
@@ -172,16 +253,3 @@ class DeviceCombo(QComboBox):
         self.clear()
         self.addItems(available_devices())
         self.setCurrentText(current)
-
-
-def show_update(update: Any, progress_bar: Any, status: Any, loss_plot: Any = None) -> None:
-    """A job's progress record in a widget: the bar (0-1000), the loss curve (values
-    ``loss``) and the message, shown as plain text."""
-    import html
-
-    if update.fraction is not None:
-        progress_bar.setValue(int(1000 * update.fraction))
-    if loss_plot is not None and "loss" in update.values:
-        loss_plot.add(float(update.values["loss"]))
-    if update.message:
-        status.setText(html.escape(update.message))

@@ -37,3 +37,28 @@ def foundation_slot(viewer: Any) -> FoundationSlot:
         _SLOTS[key] = FoundationSlot()
         weakref.finalize(viewer, _SLOTS.pop, key, None)
     return _SLOTS[key]
+
+
+def foundation_rows(foundation: Any) -> list[tuple[str, str]]:
+    """(label, value) rows describing a loaded foundation model, for the widgets."""
+    info = foundation.info()
+    size = info.get("feature_size") or info.get("channels")
+    text = "available" if info["text_tower"] else "not available"
+    reason = getattr(foundation, "text_unavailable_reason", None)
+    if reason and not info["text_tower"]:
+        text += f" ({reason})"
+    return [
+        ("Architecture", f"{info['architecture']} ({size})"),
+        ("Parameters", f"{info['parameters'] / 1e6:.1f} M"),
+        ("Variant", str(info["variant"])),
+        ("Text tower", text),
+        ("Device", str(info.get("device", ""))),
+        ("Source", str(info["source"])),
+    ]
+
+
+def describe_foundation(foundation: Any) -> str:
+    """One line: architecture, variant, size and device of a loaded foundation model."""
+    info = foundation.info()
+    return (f"{info['architecture']} ({info['variant']}), "
+            f"{info['parameters'] / 1e6:.1f} M parameters, on {info.get('device', '')}")

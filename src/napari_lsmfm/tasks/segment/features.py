@@ -1,0 +1,136 @@
+"""Quick-mode features: what the per-voxel head reads, per window and cached per volume.
+
+For every voxel: the frozen foundation's dense features (or the levels asked for,
+upsampled trilinearly), then the normalised intensity and the classical filter bank
+(:mod:`napari_lsmfm.tasks.filters`; sigmas scaled by the voxel size). Computed window
+by window with the tiled engine; a whole volume's features are kept as float16 in a
+:class:`FeatureCache`, so refits after more strokes cost seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_lsmfm.engine.device import with_smaller_tiles
+from napari_lsmfm.engine.store import foundation_fingerprint
+from napari_lsmfm.engine.tiled import predict_points, predict_tiled
+from napari_lsmfm.model.foundation import normalize_window
+from napari_lsmfm.tasks.filters import filter_bank, n_channels
+
+__all__ = ["FeatureCache", "QuickFeatures", "image_key", "point_features", "volume_features"]
+
+
+class QuickFeatures:
+    """Per-window quick-mode features: foundation levels + intensity + classical filters.
+
+    ``channels``: how many features per voxel (the head's input width).
+    """
+
+    def __init__(self, foundation: Any, config: Any) -> None:
+        self.foundation = foundation
+        self.levels = tuple(config.feature_levels)
+        self.sigmas = tuple(config.sigmas)
+        self.spacing = tuple(config.voxel_size) if config.voxel_size else (1.0, 1.0, 1.0)
+        chans = list(foundation.feature_channels)
+        bad = [lv for lv in self.levels if not 0 <= lv < len(chans)]
+        if bad:
+            raise ValueError(
+                f"feature_levels {bad} do not exist; this foundation has 0..{len(chans) - 1}"
+            )
+        self.channels = sum(chans[lv] for lv in self.levels) + n_channels(self.sigmas)
+
+    def settings(self) -> dict:
+        return {"levels": list(self.levels), "sigmas": list(self.sigmas),
+                "spacing": list(self.spacing), "channels": self.channels}
+
+    def key(self, image_key: tuple, config: Any) -> tuple:
+        """What the cached features of the image ``image_key`` depend on: the foundation's
+        weights, these settings and the windows of ``config``."""
+        return (image_key, foundation_fingerprint(self.foundation), repr(self.settings()),
+                config.tile, config.overlap, config.feature_blend)
+
+    def window_fn(self, intensity_range: tuple[float, float]):
+        """fn(windows (B, 1, z, y, x) raw float32) -> features (B, C, z, y, x) torch."""
+
+        def fn(windows: np.ndarray) -> torch.Tensor:
+            x = torch.from_numpy(normalize_window(windows, intensity_range, "segmenting"))
+            x = x.to(self.foundation.device)
+            with torch.inference_mode():
+                parts = []
+                if self.levels == (0,):
+                    parts.append(self.foundation(x))
+                elif self.levels:
+                    levels = self.foundation.features(x)
+                    for lv in self.levels:
+                        f = levels[lv]
+                        if f.shape[2:] != x.shape[2:]:
+                            f = F.interpolate(f, size=x.shape[2:], mode="trilinear",
+                                              align_corners=False)
+                        parts.append(f)
+                parts.append(filter_bank(x, self.sigmas, self.spacing))
+                return torch.cat(parts, 1)
+
+        return fn
+
+
+def volume_features(features: QuickFeatures, image: Any, irange: tuple[float, float],
+                    config: Any, ctx: Any = None) -> np.ndarray:
+    """The features of the whole ``image``: (C, Z, Y, X) float16 numpy, window by window
+    (``config``'s tile, overlap, feature_blend, block_bytes; smaller windows when the
+    device runs out of memory)."""
+    fn = features.window_fn(irange)
+    return with_smaller_tiles(lambda tile: predict_tiled(
+        fn, image, out_channels=features.channels, tile=tile, overlap=config.overlap,
+        blend=config.feature_blend, dtype=np.float16, max_block_bytes=config.block_bytes,
+        ctx=ctx, message="features",
+    ), config.tile, ctx, features.foundation.device)
+
+
+def point_features(features: QuickFeatures, image: Any, coords: np.ndarray,
+                   irange: tuple[float, float], config: Any, ctx: Any = None) -> np.ndarray:
+    """The features at voxels ``coords`` (N, 3) of ``image``: (N, C) float32, computed
+    only in the windows that hold them (for volumes too big to cache)."""
+    fn = features.window_fn(irange)
+    return with_smaller_tiles(lambda tile: predict_points(
+        fn, image, coords, out_channels=features.channels, tile=tile,
+        overlap=config.overlap, blend=config.feature_blend, ctx=ctx, message="features",
+    ), config.tile, ctx, features.foundation.device)
+
+
+class FeatureCache(dict):
+    """Whole-volume feature arrays (C, Z, Y, X) float16 by :meth:`QuickFeatures.key`, the
+    most recently used last, kept within a byte budget (the oldest go first)."""
+
+    def recall(self, key: tuple) -> np.ndarray | None:
+        """The cached array for ``key`` (now the most recently used), or None."""
+        features = self.pop(key, None)
+        if features is not None:
+            self[key] = features
+        return features
+
+    def make_room(self, nbytes: int, budget: int) -> bool:
+        """Drop the oldest arrays until ``nbytes`` more fit in ``budget``; False (nothing
+        dropped) when ``nbytes`` alone exceeds it."""
+        if nbytes > budget:
+            return False
+        while self and nbytes + sum(f.nbytes for f in self.values()) > budget:
+            self.pop(next(iter(self)))
+        return True
+
+
+def image_key(image: Any) -> tuple:
+    """Identify an image for the feature cache: content hash for numpy, graph name for dask."""
+    shape = tuple(image.shape)
+    name = getattr(image, "name", None)
+    if isinstance(name, str) and hasattr(image, "dask"):
+        return ("dask", name, shape)
+    if isinstance(image, np.ndarray):
+        data = image if image.nbytes <= 2**30 else image[:: max(1, image.shape[0] // 64)]
+        digest = hashlib.blake2b(np.ascontiguousarray(data).view(np.uint8), digest_size=16)
+        return ("numpy", digest.hexdigest(), shape, str(image.dtype))
+    return ("object", id(image), shape)

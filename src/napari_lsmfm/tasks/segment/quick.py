@@ -1,0 +1,172 @@
+"""Quick mode: a per-voxel head (:class:`~napari_lsmfm.tasks.heads.VoxelHead`) trained
+on the features of the brushed voxels only, and applied to blocks of features.
+
+Cross-entropy with every annotated voxel counting the same (unless ``class_weights``),
+Adam with a cosine schedule, the best weights by the loss on a fixed subset of the
+strokes (:class:`~napari_lsmfm.engine.train.TrainLoop`). It takes seconds, so the head
+can be retrained live as strokes come in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_lsmfm.engine.device import with_smaller_tiles
+from napari_lsmfm.engine.tiled import predict_tiled
+from napari_lsmfm.engine.train import FitReport, TrainLoop
+from napari_lsmfm.tasks.heads import VoxelHead
+
+__all__ = ["class_weights", "classify_cached", "classify_windows", "cpu_threads", "fit_head",
+           "head_decay", "head_probabilities"]
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, n: int) -> Iterator[None]:
+    """Use ``n`` intra-op threads while on the CPU (restored afterwards)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def class_weights(config: Any, targets: np.ndarray, n_out: int) -> torch.Tensor:
+    """Cross-entropy weight per class index (background first) for ``config.class_weights``:
+    None = ones, "balanced" = inverse frequency of ``targets`` (clipped to 0.05-20), or
+    the values given. float32 (n_out,)."""
+    cw = config.class_weights
+    if cw is None:
+        return torch.ones(n_out)
+    if isinstance(cw, str):
+        if cw != "balanced":
+            raise ValueError(f"class_weights must be 'balanced', None or a list, got {cw!r}")
+        counts = np.bincount(targets[targets >= 0], minlength=n_out).astype(np.float64)
+        w = counts.sum() / (n_out * np.maximum(counts, 1))
+        return torch.tensor(np.clip(w, 0.05, 20.0), dtype=torch.float32)
+    w = np.asarray(cw, np.float32)
+    if w.shape != (n_out,):
+        raise ValueError(f"class_weights needs {n_out} values (background first), got {len(w)}")
+    return torch.from_numpy(w)
+
+
+def head_decay(config: Any, targets: np.ndarray, n_out: int) -> float:
+    """The quick head's weight decay for these strokes (see ``decay_reference``)."""
+    if not config.decay_reference:
+        return float(config.weight_decay)
+    counts = np.bincount(targets[targets >= 0], minlength=n_out)
+    rarest = int(counts[counts > 0].min()) if (counts > 0).any() else 1
+    return float(config.weight_decay) * min(1.0, config.decay_reference / rarest)
+
+
+def fit_head(config: Any, samples: np.ndarray, targets: np.ndarray, n_out: int,
+             start: VoxelHead | None, device: torch.device, ctx: Any = None
+             ) -> tuple[VoxelHead, FitReport]:
+    """Train a head on ``samples`` (N, C) float32 features with class indices ``targets``
+    (N,) int64 (0 = background); ``start``: a head to continue from (a warm start; used
+    when it reads C features), else a new one standardised on ``samples``.
+
+    Returns the best head (eval mode) and the loop's report; ``Cancelled`` before any
+    step propagates.
+    """
+    cfg = config
+    X = torch.from_numpy(samples).to(device)
+    Y = torch.from_numpy(targets).to(device)
+    torch.manual_seed(cfg.seed)
+    if start is None or start.in_channels != X.shape[1]:
+        head = VoxelHead(X.shape[1], n_out, hidden=cfg.hidden, dropout=cfg.dropout)
+        head.set_standardization(X.float())
+    else:
+        head = copy.deepcopy(start)
+    head.to(X.device)
+    weights = class_weights(cfg, targets, n_out).to(X.device)
+    rng = np.random.default_rng(cfg.seed)
+    n = len(X)
+    eval_idx = torch.from_numpy(rng.choice(n, size=min(n, 65536), replace=False)).to(X.device)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate,
+                           weight_decay=head_decay(cfg, targets, n_out))
+    steps = cfg.n_steps
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=steps, eta_min=0.1 * cfg.learning_rate
+    )
+    batch = min(cfg.batch, len(X))
+
+    def step_fn() -> float:
+        idx = torch.from_numpy(rng.integers(len(X), size=batch)).to(X.device)
+        loss = F.cross_entropy(head(X[idx]), Y[idx], weight=weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    def evaluate() -> float:
+        head.eval()
+        with torch.no_grad():
+            loss = F.cross_entropy(head(X[eval_idx]), Y[eval_idx], weight=weights)
+        head.train()
+        return float(loss)
+
+    with cpu_threads(X.device, 1):  # tiny ops: threading costs more than it gives
+        report = TrainLoop(head, step_fn, evaluate, steps, eval_every=cfg.eval_every,
+                           ctx=ctx).run()
+    return head.eval(), report
+
+
+def head_probabilities(head: VoxelHead, feats: np.ndarray, device: torch.device) -> np.ndarray:
+    """Class probabilities (n_out, z, y, x) float32 of a block of features (C, z, y, x)."""
+    c = feats.shape[0]
+    flat = feats.reshape(c, -1)
+    probs = np.empty((head.n_out, flat.shape[1]), np.float32)
+    step = 1 << 18  # voxels per pass: bounded memory for any block
+    with torch.inference_mode():
+        for i in range(0, flat.shape[1], step):
+            x = torch.from_numpy(np.ascontiguousarray(flat[:, i : i + step].T, np.float32))
+            probs[:, i : i + step] = F.softmax(head(x.to(device)), -1).float().cpu().numpy().T
+    return probs.reshape(head.n_out, *feats.shape[1:])
+
+
+def classify_cached(head: VoxelHead, cached: np.ndarray, region: tuple[slice, ...], write: Any,
+                    device: torch.device, ctx: Any = None) -> None:
+    """Apply ``head`` to the cached whole-volume features (C, Z, Y, X) inside ``region``,
+    slab by slab along z, calling ``write(slices within region, probabilities)``."""
+    plane = cached.shape[0] * len(range(*region[1].indices(cached.shape[2]))) * len(
+        range(*region[2].indices(cached.shape[3]))) * 4
+    # about 16 MB of float32 per slab: numpy work on one slab holds the GIL, so
+    # small slabs keep a viewer's event loop responsive while this runs in a thread
+    depth = max(1, (16 * 2**20) // plane)
+    zs = range(region[0].start, region[0].stop, depth)
+    for i, z0 in enumerate(zs):
+        z1 = min(z0 + depth, region[0].stop)
+        feats = cached[:, z0:z1, region[1], region[2]]
+        sl = (slice(z0 - region[0].start, z1 - region[0].start), slice(None), slice(None))
+        write(sl, head_probabilities(head, feats, device))
+        if ctx is not None:
+            ctx.report(0.9 + 0.1 * (i + 1) / len(zs), "classifying")
+
+
+def classify_windows(head: VoxelHead, features: Any, config: Any, image: Any,
+                     irange: tuple[float, float], region: tuple[slice, ...], write: Any,
+                     device: torch.device, ctx: Any = None) -> None:
+    """Without a cache: the features of ``region`` of ``image`` (a :class:`~.features.
+    QuickFeatures`), block by block with the tiled engine, straight into ``head`` and
+    ``write``; smaller windows when the device runs out of memory."""
+
+    def sink(sl, feats):
+        write(sl, head_probabilities(head, feats, device))
+
+    with_smaller_tiles(lambda tile: predict_tiled(
+        features.window_fn(irange), image, out_channels=features.channels, tile=tile,
+        overlap=config.overlap, blend=config.feature_blend, region=region, sink=sink,
+        max_block_bytes=config.block_bytes, ctx=ctx, message="segmenting",
+    ), config.tile, ctx, device)
