@@ -1,13 +1,12 @@
-"""Deblur dock widget, and the one-click "Deblur with the default model" command.
+"""Deblur dock widget: the learned model or Richardson-Lucy, and finetuning on the volume.
 
-A short form on :class:`~napari_lsmfm.widgets.base.TaskWidget`: it reads the form, runs
-:func:`napari_lsmfm.tasks.deblur.deblur_volume` (the learned model or Richardson-Lucy) or
-:meth:`~napari_lsmfm.tasks.deblur.Deblurrer.fit` on the volume itself as a job, and adds
-the result as a new image layer "<name> deblurred" with the source's scale and
-translation; an existing layer is never overwritten. Lazy (dask, multiscale) inputs are
-read tile by tile; a result over :data:`ZARR_OUTPUT_BYTES` goes to a temporary Zarr store
-and comes back as a dask array. torch is imported only when a job runs or the widget is
-first shown.
+A short form on :class:`~napari_lsmfm.widgets.base.TaskWidget`: it runs
+:func:`napari_lsmfm.tasks.deblur.deblur_volume` or :meth:`Deblurrer.fit` (on the volume
+itself) as a job and adds the result as a new image layer "<name> deblurred" with the
+source's scale and translation; an existing layer is never overwritten. Lazy (dask,
+multiscale) inputs are read tile by tile; a result over :data:`ZARR_OUTPUT_BYTES` goes to
+a temporary Zarr store and comes back as dask. The Layers > Filter one-click command is
+in :mod:`.commands`. torch is imported only when a job runs or the widget is first shown.
 """
 
 from __future__ import annotations
@@ -18,19 +17,25 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
 
 from napari_lsmfm.engine.jobs import JobContext
 from napari_lsmfm.widgets.base import TaskWidget
-from napari_lsmfm.widgets.parts import image_data, put_layer, row, sigma_spins, subform
+from napari_lsmfm.widgets.parts import (
+    choice,
+    image_data,
+    int_spin,
+    put_layer,
+    row,
+    sigma_spins,
+    subform,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -57,12 +62,7 @@ def add_deblurred(viewer: Any, source: Any, result: Any) -> Any:
     """Add ``result`` (a DeblurResult of ``source``) as a new layer "<source name> deblurred"
     ("… [2]" when that name is taken) with the source's scale and translation."""
     (layer_data,) = result.layers(source.name, scale=source.scale, translate=source.translate)
-    base = layer_data[1]["name"]
-    name, n = base, 1
-    while name in viewer.layers:  # every run keeps its own result for comparison
-        n += 1
-        name = f"{base} [{n}]"
-    return put_layer(viewer, layer_data, name)
+    return put_layer(viewer, layer_data, keep=True)  # every run's result stays, to compare
 
 
 class DeblurWidget(TaskWidget):
@@ -78,14 +78,11 @@ class DeblurWidget(TaskWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(napari_viewer, parent)
         self.models: dict[str, Any] = {}  # model combo text -> loaded Deblurrer
-        self.method_combo = QComboBox()
-        self.method_combo.addItems(list(METHODS))
-        self.method_combo.currentTextChanged.connect(self._show_method)
+        self.method_combo = choice(list(METHODS), changed=self._show_method)
 
         # the learned model: a PSF-conditioned one (the shipped one) deblurs for a known
         # PSF, blind otherwise
-        self.model_combo = QComboBox()
-        self.model_combo.addItems([DEFAULT_MODEL, LOAD_MODEL])
+        self.model_combo = choice([DEFAULT_MODEL, LOAD_MODEL])
         self.model_combo.activated.connect(self._on_model_chosen)
         self._model_choice = DEFAULT_MODEL
         self.psf_known_box = QCheckBox("PSF known (sigma z, y, x in voxels)")
@@ -102,20 +99,15 @@ class DeblurWidget(TaskWidget):
         model_form.addRow("Device", self.device_combo)
 
         # Richardson-Lucy
-        self.psf_combo = QComboBox()
-        self.psf_combo.addItems([PSF_GAUSSIAN, PSF_FILE])
-        self.psf_combo.currentTextChanged.connect(self._show_method)
+        self.psf_combo = choice([PSF_GAUSSIAN, PSF_FILE], changed=self._show_method)
         self.sigma_spins = sigma_spins((2.0, 1.0, 1.0))
-        self.unit_combo = QComboBox()
-        self.unit_combo.addItems(list(UNITS))
-        self.unit_combo.setToolTip("µm: converted to voxels with the layer's scale (z, y, x)")
+        self.unit_combo = choice(
+            list(UNITS), tip="µm: converted to voxels with the layer's scale (z, y, x)")
         self.psf_edit = QLineEdit()
         self.psf_edit.setPlaceholderText("a 3D TIFF of the measured PSF")
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse_psf)
-        self.iterations_spin = QSpinBox()
-        self.iterations_spin.setRange(1, 1000)
-        self.iterations_spin.setValue(10)
+        self.iterations_spin = int_spin(1, 1000, 10)
         self.sigma_row = row(*self.sigma_spins, self.unit_combo)
         self.file_row = row(self.psf_edit, browse)
         self.rl_box = QWidget()
@@ -128,9 +120,7 @@ class DeblurWidget(TaskWidget):
 
         # finetune on the volume
         self.fit_sigma_spins = sigma_spins((2.0, 1.0, 1.0))
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 100_000)
-        self.steps_spin.setValue(200)
+        self.steps_spin = int_spin(1, 100_000, 200)
         self.train_button = self.run_button("Train", self.finetune)
         self.finetune_box = QGroupBox("Finetune on this volume")
         fit_form = QFormLayout(self.finetune_box)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QLineEdit, QPushButton, QWidget
 
-from napari_lsmfm.engine.jobs import JobContext
+from napari_lsmfm.engine.jobs import JobContext, span
 from napari_lsmfm.widgets.base import TaskWidget
 from napari_lsmfm.widgets.parts import row
 from napari_lsmfm.widgets.state import foundation_rows
@@ -72,7 +72,7 @@ class FoundationWidget(TaskWidget):
             ctx.report(0.0, "reading weights")
             return load_foundation(
                 path, device=device, trusted=trusted, vocab=vocab,
-                progress=ctx.progress_callback(0.0, 1.0),
+                progress=span(ctx, 0.0, 1.0).report,
             )
 
         self.start_job(job, "Loading foundation model", self.slot.set, button=self.load_button,

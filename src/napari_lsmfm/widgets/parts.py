@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QSizePolicy,
+    QSpinBox,
     QWidget,
 )
 
@@ -146,6 +147,25 @@ def row(*widgets: QWidget) -> QWidget:
     return box
 
 
+def choice(items: list[str], *, tip: str = "",
+           changed: Callable[..., Any] | None = None) -> QComboBox:
+    """A combo box of ``items`` with tooltip ``tip``; ``changed(text)`` on a new choice."""
+    combo = QComboBox()
+    combo.addItems(items)
+    combo.setToolTip(tip)
+    if changed is not None:
+        combo.currentTextChanged.connect(changed)
+    return combo
+
+
+def int_spin(low: int, high: int, value: int) -> QSpinBox:
+    """An integer spin box over [low, high] set to ``value``."""
+    spin = QSpinBox()
+    spin.setRange(low, high)
+    spin.setValue(value)
+    return spin
+
+
 def subform(box: QWidget) -> QFormLayout:
     """A form layout filling ``box`` edge to edge (a part of a larger form)."""
     form = QFormLayout(box)
@@ -192,13 +212,17 @@ def put_result_layer(viewer: Any, name: str, data: Any, kind: str, **kwargs: Any
     return adder(data, name=candidate, metadata=metadata, **kwargs)
 
 
-def put_layer(viewer: Any, layer_data: tuple[Any, dict, str], name: str | None = None) -> Any:
+def put_layer(viewer: Any, layer_data: tuple[Any, dict, str], *, keep: bool = False) -> Any:
     """:func:`put_result_layer` for one napari ``(data, kwargs, layer_type)`` tuple (what
-    ``TaskResult.layers`` returns); ``name`` replaces the tuple's name."""
+    ``TaskResult.layers`` returns). ``keep``: earlier results stay, this one gets a new
+    name ("<name> [2]", "[3]"...) when the name is taken."""
     data, kwargs, kind = layer_data
     kwargs = dict(kwargs)
-    name = name or kwargs.pop("name")
-    kwargs.pop("name", None)
+    base = name = kwargs.pop("name")
+    n = 1
+    while keep and name in viewer.layers:
+        n += 1
+        name = f"{base} [{n}]"
     return put_result_layer(viewer, name, data, kind, **kwargs)
 
 

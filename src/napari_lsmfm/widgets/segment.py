@@ -13,15 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QPushButton, QSpinBox, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QWidget
 
 from napari_lsmfm.engine.jobs import JobContext
 from napari_lsmfm.widgets.base import TaskWidget
 from napari_lsmfm.widgets.parts import (
     PLUGIN_KEY,
     LayerCombo,
+    choice,
     follow,
     image_data,
+    int_spin,
     put_layer,
     row,
 )
@@ -49,16 +51,11 @@ class SegmentWidget(TaskWidget):
         self.brush_combo = LayerCombo(napari_viewer, "Labels")
         self.new_brush_button = QPushButton("New brush layer")
         self.new_brush_button.clicked.connect(self.add_brush_layer)
-        self.mode_combo = QComboBox()
-        self.mode_combo.addItems(["quick", "full"])
-        self.mode_combo.setToolTip(
+        self.mode_combo = choice(["quick", "full"], tip=(
             "quick: frozen foundation features + a small head (seconds on a CPU)\n"
             "full: start from the quick model, then finetune decoder and encoder "
-            "(GPU recommended)"
-        )
-        self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(10, 100_000)
-        self.steps_spin.setValue(300)
+            "(GPU recommended)"))
+        self.steps_spin = int_spin(10, 100_000, 300)
         self.live_box = QCheckBox("Live: retrain when strokes change (quick mode)")
         self.view_box = QCheckBox("Predict only around the current slice")
         self.instances_box = QCheckBox("Split objects into instances")
