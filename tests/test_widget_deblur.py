@@ -151,7 +151,7 @@ def test_finetune_stops_quickly_keeps_the_model_and_ui_responsive(make_napari_vi
 
 def test_bad_input_says_why_and_leaves_the_viewer_usable(make_napari_viewer, qtbot, volume,
                                                          small_model, monkeypatch):
-    import napari_lsmfm.tasks.deblur.api as core
+    from napari_lsmfm.tasks.deblur import api as core
 
     viewer, widget = _setup(make_napari_viewer, qtbot, volume, small_model)
     flat = volume.astype(np.float32)
@@ -187,7 +187,7 @@ def test_menu_command_deblurs_the_selected_layer(make_napari_viewer, qtbot, volu
                                                  small_model, monkeypatch):
     from napari._app_model import get_app_model
 
-    import napari_lsmfm.tasks.deblur.api as core
+    from napari_lsmfm.tasks.deblur import api as core
 
     monkeypatch.setattr(core, "DEFAULT_DEBLUR_DIR", small_model)
     viewer = make_napari_viewer()

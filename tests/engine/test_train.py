@@ -75,6 +75,23 @@ def test_stop_keeps_the_best_so_far_and_reports_progress():
     assert seen[1]["best_loss"] == 2.0
 
 
+def test_stop_without_a_last_check_returns_the_best_checked():
+    module, step, evaluate = _problem([5.0, 2.0, 1.0, 3.0])
+
+    def on_update(update):
+        if update.values["step"] == 3:
+            ctx.cancel()
+
+    ctx = JobContext(on_update)
+    report = TrainLoop(module, step, evaluate, 4, eval_every=2, ctx=ctx,
+                       check_on_stop=False).run()
+    assert report.stopped and float(module.weight) == 2.0  # step 3's 1.0 was never checked
+    ctx = JobContext(on_update)
+    module, step, evaluate = _problem([5.0, 2.0, 1.0, 3.0])
+    report = TrainLoop(module, step, evaluate, 4, eval_every=2, ctx=ctx).run()
+    assert float(module.weight) == 1.0  # checked on Stop
+
+
 def test_stop_before_any_step_restores_and_propagates():
     module, _, evaluate = _problem([])
 

@@ -89,22 +89,26 @@ class TrainLoop:
         message: the progress line.
         start_best: the starting weights compete too (training never ends worse, by
             ``evaluate``, than it started).
+        check_on_stop: on Stop, also evaluate the current weights and keep them if they
+            beat the best so far (one more ``evaluate``); False returns at once with the
+            best evaluated weights (the current ones only when none was evaluated yet).
 
     :meth:`run` loads the best weights into ``module`` and returns a :class:`FitReport`.
-    A Stop after at least one step evaluates the current weights, keeps the better of
-    them and the best so far, and returns with ``stopped=True``; a Stop before any step
-    puts the starting weights back and lets ``Cancelled`` propagate.
+    A Stop after at least one step keeps the best weights (see ``check_on_stop``) and
+    returns with ``stopped=True``; a Stop before any step puts the starting weights back
+    and lets ``Cancelled`` propagate.
     """
 
     def __init__(self, module: Any, step_fn: Callable[[], float], evaluate: Callable[[], float],
                  steps: int, *, eval_every: int = 1, ctx: Any = None, message: str = "training",
-                 start_best: bool = False) -> None:
+                 start_best: bool = False, check_on_stop: bool = True) -> None:
         steps = int(steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         self.module, self.step_fn, self.evaluate = module, step_fn, evaluate
         self.steps, self.every = steps, max(1, int(eval_every))
         self.ctx, self.message, self.start_best = ctx, message, bool(start_best)
+        self.check_on_stop = bool(check_on_stop)
 
     def run(self) -> FitReport:
         t0 = time.perf_counter()
@@ -135,9 +139,10 @@ class TrainLoop:
                 if best_state is not None:
                     self.module.load_state_dict(best_state)
                 raise
-            current = self.evaluate()
-            if best_state is None or current < best_loss:
-                best_loss, best_state = current, state_copy(self.module)
+            if best_state is None or self.check_on_stop:
+                current = self.evaluate()
+                if best_state is None or current < best_loss:
+                    best_loss, best_state = current, state_copy(self.module)
             stopped = True
         self.module.load_state_dict(best_state)
         return FitReport(history=history, best_loss=best_loss, start_loss=start_loss,

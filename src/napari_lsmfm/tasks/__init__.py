@@ -18,7 +18,6 @@ from .deblur import (
     Deblurrer,
     DeblurResult,
     check_deblur_input,
-    deblur,
     deblur_volume,
     load_default_deblur,
 )
@@ -47,7 +46,6 @@ __all__ = [
     "TaskResult",
     "check_deblur_input",
     "check_image",
-    "deblur",
     "deblur_volume",
     "load_default_deblur",
     "load_model",

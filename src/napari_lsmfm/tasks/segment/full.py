@@ -247,8 +247,9 @@ def finetune(net: FullNet, image: Any, irange: tuple[float, float], sparse: Spar
             logits = net(x.to(device))
             return float(masked_loss(logits, y.to(device), weights, dice, cfg.dice_weight))
 
+    # Stop returns at once with the best checked weights (no extra check: a stop is quick)
     return TrainLoop(net, step_fn, evaluate, steps, eval_every=cfg.eval_every, ctx=ctx,
-                     start_best=True).run()
+                     start_best=True, check_on_stop=False).run()
 
 
 def window_fn(net: FullNet, anchor: FullNet | None, quick_weight: float,

@@ -119,7 +119,7 @@ def fit_head(config: Any, samples: np.ndarray, targets: np.ndarray, n_out: int,
 
     with cpu_threads(X.device, 1):  # tiny ops: threading costs more than it gives
         report = TrainLoop(head, step_fn, evaluate, steps, eval_every=cfg.eval_every,
-                           ctx=ctx).run()
+                           ctx=ctx, check_on_stop=False).run()
     return head.eval(), report
 
 
