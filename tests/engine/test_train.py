@@ -34,7 +34,7 @@ def _problem(losses):
 def test_keeps_the_best_weights_not_the_last():
     module, step, evaluate = _problem([5.0, 2.0, 4.0, 3.0])
     report = TrainLoop(module, step, evaluate, 4).run()
-    assert float(module.weight) == 2.0
+    assert float(module.weight.detach()) == 2.0
     assert report.best_loss == 2.0 and report.steps_done == 4 and not report.stopped
     assert report.history == [5.0, 2.0, 4.0, 3.0]
     assert report["best_loss"] == 2.0 and dict(report)["steps_done"] == 4
@@ -44,13 +44,13 @@ def test_keeps_the_best_weights_not_the_last():
 def test_start_best_means_training_never_ends_worse():
     module, step, evaluate = _problem([12.0, 11.0])
     report = TrainLoop(module, step, evaluate, 2, start_best=True).run()
-    assert float(module.weight) == 10.0 and report.start_loss == 10.0
+    assert float(module.weight.detach()) == 10.0 and report.start_loss == 10.0
 
 
 def test_eval_every_checks_only_every_nth_step_and_the_last():
     module, step, evaluate = _problem([1.0, 5.0, 6.0, 7.0, 8.0])
     TrainLoop(module, step, evaluate, 5, eval_every=2).run()
-    assert float(module.weight) == 5.0  # step 1's 1.0 was never evaluated
+    assert float(module.weight.detach()) == 5.0  # step 1's 1.0 was never evaluated
 
 
 def test_nan_loss_stops_with_a_message():
@@ -70,7 +70,7 @@ def test_stop_keeps_the_best_so_far_and_reports_progress():
 
     ctx = JobContext(on_update)
     report = TrainLoop(module, step, evaluate, 4, ctx=ctx).run()
-    assert report.stopped and report.steps_done == 3 and float(module.weight) == 2.0
+    assert report.stopped and report.steps_done == 3 and float(module.weight.detach()) == 2.0
     assert [v["step"] for v in seen] == [1, 2, 3]
     assert seen[1]["best_loss"] == 2.0
 
@@ -85,11 +85,11 @@ def test_stop_without_a_last_check_returns_the_best_checked():
     ctx = JobContext(on_update)
     report = TrainLoop(module, step, evaluate, 4, eval_every=2, ctx=ctx,
                        check_on_stop=False).run()
-    assert report.stopped and float(module.weight) == 2.0  # step 3's 1.0 was never checked
+    assert report.stopped and float(module.weight.detach()) == 2.0  # step 3's 1.0 was never checked
     ctx = JobContext(on_update)
     module, step, evaluate = _problem([5.0, 2.0, 1.0, 3.0])
     report = TrainLoop(module, step, evaluate, 4, eval_every=2, ctx=ctx).run()
-    assert float(module.weight) == 1.0  # checked on Stop
+    assert float(module.weight.detach()) == 1.0  # checked on Stop
 
 
 def test_stop_before_any_step_restores_and_propagates():
@@ -102,7 +102,7 @@ def test_stop_before_any_step_restores_and_propagates():
 
     with pytest.raises(Cancelled):
         TrainLoop(module, step, evaluate, 3, start_best=True).run()
-    assert float(module.weight) == 10.0
+    assert float(module.weight.detach()) == 10.0
 
 
 def test_bad_steps_and_helpers():
