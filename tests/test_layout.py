@@ -70,7 +70,7 @@ def test_no_private_name_crosses_a_module():
 
 @pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["deblur", "--help"],
                                   ["pretrain", "--help"], ["sample", "--help"],
-                                  ["train-deblur", "--help"]])
+                                  ["train-deblur", "--help"], ["classify", "--help"]])
 def test_command_line_help_needs_no_torch(args):
     code = (
         "import sys\n"

@@ -199,6 +199,16 @@ def test_ome_zarr_nanometre_unit(tmp_path):
     assert open_volume(path).voxel_size == pytest.approx((0.5, 0.1, 0.1))
 
 
+def test_ome_zarr_unknown_unit_gives_no_voxel_size(tmp_path):
+    path = write_volume(tmp_path / "pc.zarr", _stack(), voxel_size=(1, 1, 1))
+    attrs = json.loads((path / ".zattrs").read_text())
+    for axis in attrs["multiscales"][0]["axes"]:
+        axis["unit"] = "parsec"
+    (path / ".zattrs").write_text(json.dumps(attrs))
+    vol = open_volume(path)
+    assert vol.voxel_size is None and vol.metadata["unknown_units"] == ["parsec"]
+
+
 # ------------------------------------------------------------------ round trips
 
 
@@ -311,12 +321,34 @@ def test_2d_tiff(tmp_path):
     assert open_volume(path, allow_2d=True).data.shape == (1, 512, 512)
 
 
+def test_single_voxel_is_not_called_2d(tmp_path):
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, np.ones((1, 1, 1), np.uint16))
+    with pytest.raises(VolumeError) as info:
+        open_volume(path, allow_2d=True)
+    _assert_clear(info.value, "one.tif", "single voxel")
+    assert "2D" not in str(info.value)
+
+
 def test_rgb_tiff(tmp_path):
     path = tmp_path / "photo.tif"
     tifffile.imwrite(path, _stack((8, 32, 32, 3), np.uint8), photometric="rgb")
     with pytest.raises(VolumeError) as info:
         open_volume(path)
     _assert_clear(info.value, "photo.tif", "RGB", "grey-scale")
+
+
+def test_three_planes_tagged_rgb_are_a_stack(tmp_path):
+    # tifffile tags a (3, Y, X) array RGB (planar); 16-bit planes are not a colour picture
+    path = tmp_path / "three.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tifffile.imwrite(path, _stack((3, 64, 64), np.uint16))
+    assert open_volume(path).shape == (3, 64, 64)
+    photo = tmp_path / "planar8.tif"
+    tifffile.imwrite(photo, _stack((3, 64, 64), np.uint8), photometric="rgb", planarconfig=2)
+    with pytest.raises(VolumeError, match="RGB"):
+        open_volume(photo)
 
 
 def test_empty_file(tmp_path):

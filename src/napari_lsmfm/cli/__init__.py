@@ -73,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_info)
 
     # Each task's module adds its subcommand(s); importing one does not import the others.
-    from . import deblur, pretrain, segment
+    from . import classify, deblur, pretrain, segment
 
     segment.add_parser(sub)
     deblur.add_parser(sub)
     deblur.add_train_parser(sub)
     pretrain.add_parser(sub)
+    classify.add_parser(sub)
     return parser
 
 
@@ -98,3 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lsmfm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        from napari_lsmfm.engine.device import is_out_of_memory
+
+        if os.environ.get("LSMFM_DEBUG") or not is_out_of_memory(exc):
+            raise
+        print(f"lsmfm {args.command}: error: out of memory ({one_line(exc)[:160]}); use "
+              "smaller windows (--tile), a .zarr output (written block by block) or a machine "
+              "with more memory", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -8,25 +8,30 @@ Imports only the standard library, numpy and torch-free parts of the package, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from napari_lsmfm.engine.grid import as_triple
-from napari_lsmfm.io.output import IN_MEMORY_BYTES, Outputs, check_output_path
+from napari_lsmfm.io.output import IN_MEMORY_BYTES, Outputs, check_output_path, check_outputs
 
 __all__ = [
     "EXIT_USER_ERROR",
     "Outputs",
     "check_output_path",
+    "check_outputs",
     "in_memory",
     "one_line",
     "parse_triple",
     "print_summary",
     "run_subcommand",
+    "terminate_as_interrupt",
     "user_errors",
 ]
 
@@ -63,8 +68,8 @@ def in_memory(image: Any) -> Any:
 def one_line(exc: BaseException) -> str:
     """The error message of ``exc`` on one line (with the file name of a file error)."""
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, (FileNotFoundError, FileExistsError)) and exc.filename:
-        text = f"{exc.strerror or text}: {exc.filename}" if exc.strerror else text
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
     return " ".join(text.split())
 
 
@@ -75,18 +80,43 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Decorate a subcommand's ``run(args)``: a device out-of-memory error becomes a
-    ValueError, which ``lsmfm`` prints as one line (its message says what to change)."""
+    ValueError, which ``lsmfm`` prints as one line (its message says what to change);
+    a SIGTERM (``kill``) stops the run like Ctrl-C, so its outputs under construction are
+    removed and the user's files stay as they were."""
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
         from napari_lsmfm.engine.device import DeviceMemoryError
 
         try:
-            return run(args)
+            with terminate_as_interrupt():
+                return run(args)
         except DeviceMemoryError as exc:
             raise ValueError(str(exc)) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt (in the main thread only;
+    elsewhere, and where signals cannot be set, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_subcommand(add_parser: Callable[[Any], argparse.ArgumentParser],

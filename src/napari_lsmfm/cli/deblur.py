@@ -9,8 +9,10 @@ a deblur model on synthetic pairs.
 
 Same core as the widget (:func:`napari_lsmfm.tasks.deblur.deblur`). The output keeps the
 image's shape, dtype and voxel size. A ``.zarr`` output is filled block by block, so a
-volume larger than memory works; a ``.tif`` output is assembled in memory. An existing
-output is refused unless ``--overwrite``. Prints one JSON object describing the run.
+volume larger than memory works; a ``.tif`` output is assembled in memory. Either
+appears under its name only when complete. An existing output is refused unless
+``--overwrite``; one that is or lies in an input always. Prints one JSON object
+describing the run.
 ``train-deblur`` calls :func:`napari_lsmfm.tasks.deblur.train_default_deblur`.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 from .common import (
     Outputs,
-    check_output_path,
+    check_outputs,
     in_memory,
     parse_triple,
     print_summary,
@@ -72,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     from napari_lsmfm.engine.jobs import JobContext, terminal_progress
     from napari_lsmfm.io import open_volume
     from napari_lsmfm.io.check import check_volume
-    from napari_lsmfm.tasks.deblur import Deblurrer, deblur, load_default_deblur
 
     if args.method == "model" and (args.psf_file is not None or args.iterations is not None):
         raise ValueError("--psf-file and --iterations belong to --method rl (the model takes "
@@ -82,7 +83,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--weights belongs to --method model; rl needs a PSF instead")
         if (args.psf_sigma is None) == (args.psf_file is None):
             raise ValueError("--method rl needs a PSF: give --psf-sigma z,y,x or --psf-file")
-    out_path = check_output_path(args.out, args.overwrite)
+    out_path = check_outputs(
+        {"--out": args.out},
+        {"the image": args.image, "the model": args.weights, "the PSF": args.psf_file},
+        overwrite=args.overwrite,
+    )["--out"]
     if args.psf_file is not None and not Path(args.psf_file).expanduser().is_file():
         raise FileNotFoundError(2, "no PSF file here", str(args.psf_file))
     tile = parse_triple(args.tile or None, "tile", int)
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     image = in_memory(image)
     # before loading a model: bad input fails fast
     check_volume(image, "deblurring", values=True, min_size=2)
+    from napari_lsmfm.tasks.deblur import Deblurrer, deblur, load_default_deblur  # torch
 
     options: dict[str, Any] = {"method": args.method}
     summary: dict[str, Any] = {"image": str(args.image), "shape": list(image.shape),
@@ -126,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
         summary["iterations"] = args.iterations or 10
 
     # the checked image holds integers or floats: the output keeps its dtype
-    outputs = Outputs(voxel_size, args.overwrite)
-    target = outputs.array(out_path, image.shape, image.dtype, "image")
     show = None if args.quiet else terminal_progress("deblur ")
     t0 = time.perf_counter()
-    deblur(image, ctx=JobContext(show), out=target, **options)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    outputs.finish()
+    with Outputs(voxel_size, args.overwrite, command="deblur") as outputs:
+        target = outputs.array(out_path, image.shape, image.dtype, "image")
+        deblur(image, ctx=JobContext(show), out=target, **options)
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        outputs.finish()
     summary["out"] = str(out_path)
     summary["voxel_size"] = list(voxel_size) if voxel_size else None
     print_summary(summary)
@@ -193,6 +199,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 @user_errors
 def run_train(args: argparse.Namespace) -> int:
     """Run ``lsmfm train-deblur``; prints the fit summary as one JSON line; returns 0."""
+    foundation = args.foundation if args.foundation not in ("auto", "small") else None
+    check_outputs({"--out": args.out}, {"the model": args.init, "the foundation": foundation},
+                  overwrite=args.overwrite, folders=("--out",))  # before any training
     extra: dict[str, Any] = {
         k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                           ("l2", args.l2), ("psnr", args.psnr)) if v is not None

@@ -49,7 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="train on the synthetic light-sheet corpus (no DATA needed)")
     p.add_argument("--synthetic-volumes", type=int, default=None, metavar="N",
                    help="distinct volumes in the synthetic corpus (default 192)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default {defaults.steps}; with --resume, those of "
+                        "the run being resumed)")
     p.add_argument("--patch-size", type=int, nargs="+", default=[64], metavar="P",
                    help="patch edge in voxels, or three values D H W (default 64)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -128,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     if len(args.patch_size) not in (1, 3):
         raise ValueError("--patch-size takes one value or three (D H W)")
     return PretrainConfig(
-        steps=args.steps,
+        steps=_steps(args),
         patch_size=patch,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -153,6 +155,22 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     )
 
 
+def _steps(args: argparse.Namespace) -> int:
+    """``--steps``, or when resuming without it the steps of the run being resumed (so its
+    learning-rate schedule stays as it was), else the default."""
+    if args.steps is not None:
+        return args.steps
+    if args.resume not in (None, False):
+        from napari_lsmfm.pretrain.checkpointing import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(args.out) if args.resume is True else Path(args.resume)
+        if path is not None and path.expanduser().is_file():
+            steps = (load_checkpoint(path).get("config") or {}).get("steps")
+            if steps:
+                return int(steps)
+    return PretrainConfig().steps
+
+
 def _loss_weights(text: str | None) -> dict[str, float]:
     """The ``--loss-weights`` overrides (PretrainConfig fills in the other defaults)."""
     out: dict[str, float] = {}
@@ -170,6 +188,30 @@ def _loss_weights(text: str | None) -> dict[str, float]:
     return out
 
 
+def _check_out_folder(args: argparse.Namespace, data: str) -> None:
+    """Before any work: ``--out`` is not an input, and its folder (or the nearest folder
+    above it that exists) can be written to."""
+    from napari_lsmfm.io.output import check_writable
+
+    inputs = {"DATA": None if str(data).startswith("synthetic://") else data,
+              "--init": args.init, "--captions": args.captions}
+    # whether an existing run folder may be reused is pretrain's own rule (--resume /
+    # --overwrite); here only what no flag allows: an input as output, a read-only folder
+    out = Path(args.out).expanduser()
+    for what, source in inputs.items():
+        if source is None:
+            continue
+        src = Path(source).expanduser().resolve()
+        dst = out.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise ValueError(f"--out {out} overlaps {what} {source}: writing there would "
+                             "destroy an input; choose another output folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check_writable(existing if existing.is_dir() else existing.parent, out)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``lsmfm pretrain``; prints the final losses as one JSON line; returns 0."""
     from napari_lsmfm.engine.jobs import run_job, terminal_progress
@@ -181,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     data = SYNTHETIC_PREFIX if args.synthetic else args.data
     if data is None:
         raise ValueError("name the DATA folder of volumes, or use --synthetic")
+    _check_out_folder(args, data)
     config = config_from_args(args)
     if args.threads:
         import torch

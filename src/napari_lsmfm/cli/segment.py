@@ -4,9 +4,12 @@
     lsmfm segment IMAGE --model MODEL --out OUT.zarr                   # apply a saved model
 
 Same core as the widget (:class:`~napari_lsmfm.tasks.segment.Segmenter`). Every output
-is checked before any work starts (an existing one is refused unless ``--overwrite``).
-A ``.zarr`` output is filled block by block, so a volume larger than memory works; a
-``.tif`` output is assembled in memory. Prints one JSON object describing the run.
+is checked before any work starts (an existing one is refused unless ``--overwrite``;
+one that is, holds or lies in an input is refused always; its folder must be writable).
+A ``.zarr`` output is filled block by block under a hidden name, so a volume larger
+than memory works; a ``.tif`` output is assembled in memory. Outputs appear under their
+names only when complete (an interrupted run leaves the old ones). Prints one JSON
+object describing the run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from .common import (
     Outputs,
-    check_output_path,
+    check_outputs,
     in_memory,
     parse_triple,
     print_summary,
@@ -79,26 +82,23 @@ def run(args: argparse.Namespace) -> int:
     from napari_lsmfm.engine.jobs import JobContext, terminal_progress
     from napari_lsmfm.io import open_volume
     from napari_lsmfm.io.check import check_volume
-    from napari_lsmfm.model import load_foundation
-    from napari_lsmfm.tasks.segment import SegmentConfig, Segmenter, SparseLabels
 
     if (args.labels is None) == (args.model is None):
         raise ValueError("give either --labels (train on brush strokes) or --model (apply a "
                          "saved model)")
     if args.model is not None and (args.mode or args.steps):
         raise ValueError("--mode and --steps belong to training; --model applies a saved model")
-    if args.quick_weight is not None:
-        SegmentConfig(quick_weight=args.quick_weight)  # says what is wrong with the value
-        if args.model is None and args.mode != "full":
-            raise ValueError("--quick-weight belongs to full mode: add --mode full")
-    out_path = check_output_path(args.out, args.overwrite)
-    prob_path = check_output_path(args.probabilities, args.overwrite)
-    unc_path = check_output_path(args.uncertainty, args.overwrite)
-    inst_path = check_output_path(args.instances, args.overwrite)
-    model_path = check_output_path(args.save_model, args.overwrite, folder=True)
-    given = [p for p in (out_path, prob_path, unc_path, inst_path, model_path) if p is not None]
-    if len({p.resolve() for p in given}) != len(given):
-        raise ValueError("two outputs name the same file; give each output its own name")
+    if args.quick_weight is not None and args.model is None and args.mode != "full":
+        raise ValueError("--quick-weight belongs to full mode: add --mode full")
+    paths = check_outputs(
+        {"--out": args.out, "--probabilities": args.probabilities,
+         "--uncertainty": args.uncertainty, "--instances": args.instances,
+         "--save-model": args.save_model},
+        {"the image": args.image, "the brushes": args.labels, "the model": args.model,
+         "the weights": args.weights},
+        overwrite=args.overwrite, folders=("--save-model",),
+    )
+    out_path, prob_path, unc_path, inst_path, model_path = paths.values()
     tile = parse_triple(args.tile, "tile", int)
     voxel_arg = parse_triple(args.voxel_size, "voxel-size")
     inst_classes = None
@@ -112,10 +112,18 @@ def run(args: argparse.Namespace) -> int:
     image = volume.data
     check_volume(image)
     voxel_size = voxel_arg or volume.voxel_size
+
+    # torch: only once every check that needs none has passed (bad input fails fast)
+    from napari_lsmfm.model import load_foundation
+    from napari_lsmfm.tasks.segment import SegmentConfig, Segmenter, SparseLabels
+
+    if args.quick_weight is not None:
+        SegmentConfig(quick_weight=args.quick_weight)  # says what is wrong with the value
     image = in_memory(image)
 
     show = None if args.quiet else terminal_progress("segment ")
     summary: dict[str, Any] = {"image": str(args.image), "shape": list(image.shape)}
+    warnings: list[str] = []
     if args.model is not None:
         foundation = (
             load_foundation(args.weights, device=args.device, trusted=args.trust)
@@ -141,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"segment: {sparse.summary()}", file=sys.stderr)
         fit = seg.fit(image, sparse, JobContext(show))
         summary["fit"] = {k: fit[k] for k in ("steps_done", "best_loss", "seconds", "stopped")}
+        warnings += fit.get("warnings", [])
         summary["classes"] = list(seg.classes)
         if model_path is not None:
             seg.save(model_path, overwrite=args.overwrite)
@@ -157,24 +166,30 @@ def run(args: argparse.Namespace) -> int:
                              "only --quick-weight 0 applies to it")
         seg.config.quick_weight = args.quick_weight
 
-    outputs = Outputs(voxel_size, args.overwrite)
     n_out = len(seg.channel_values)
-    cdtype = np.uint8 if max(seg.channel_values) <= 255 else np.uint16
-    targets = {
-        "classes": outputs.array(out_path, image.shape, cdtype, "labels"),
-        "probabilities": outputs.array(prob_path, (n_out, *image.shape),
-                                       np.dtype(args.prob_dtype), "image"),
-        "uncertainty": outputs.array(unc_path, image.shape, np.float32, "image"),
-        "instances": outputs.array(inst_path, image.shape, np.uint32, "labels"),
-    }
-    result = seg.predict(
-        image, JobContext(show),
-        out={k: v for k, v in targets.items() if v is not None},
-        probabilities=args.prob_dtype if prob_path is not None else False,
-        uncertainty=unc_path is not None,
-        instances=(inst_classes or True) if inst_path is not None else False,
-    )
-    outputs.finish()
+    cdtype = seg.class_dtype  # uint8, uint16 or uint32: every class value kept
+    with Outputs(voxel_size, args.overwrite, command="segment") as outputs:
+        targets = {
+            "classes": outputs.array(out_path, image.shape, cdtype, "labels"),
+            "probabilities": outputs.array(prob_path, (n_out, *image.shape),
+                                           np.dtype(args.prob_dtype), "image"),
+            "uncertainty": outputs.array(unc_path, image.shape, np.float32, "image"),
+            "instances": outputs.array(inst_path, image.shape, np.uint32, "labels"),
+        }
+        result = seg.predict(
+            image, JobContext(show),
+            out={k: v for k, v in targets.items() if v is not None},
+            probabilities=args.prob_dtype if prob_path is not None else False,
+            uncertainty=unc_path is not None,
+            instances=(inst_classes or True) if inst_path is not None else False,
+        )
+        outputs.finish()
+    # said once each (fit and predict both see a constant image)
+    warnings = list(dict.fromkeys([*warnings, *result.stats.get("warnings", [])]))
+    for text in warnings:
+        print(f"lsmfm segment: warning: {text}", file=sys.stderr)
+    if warnings:
+        summary["warnings"] = warnings
     summary["predict_seconds"] = result.stats.get("predict_seconds")
     summary["outputs"] = outputs.written
     print_summary(summary)

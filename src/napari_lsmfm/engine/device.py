@@ -10,6 +10,7 @@ module, so the tiled engine and the command line start without it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -105,9 +106,17 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 # --------------------------------------------------------------------- out of memory
 
+# What PyTorch's and numpy's allocators say when the host runs out of memory.
+_CPU_ALLOCATOR_TEXT = ("out of memory", "can't allocate memory", "defaultcpuallocator",
+                       "unable to allocate")
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True when ``exc`` is a device running out of memory (CUDA, MPS or the CPU allocator)."""
+    """True when ``exc`` is a device running out of memory: CUDA or MPS, or the CPU
+    (``MemoryError``, numpy's ``_ArrayMemoryError``, PyTorch's "DefaultCPUAllocator:
+    can't allocate memory")."""
+    if isinstance(exc, MemoryError):  # numpy's _ArrayMemoryError is one too
+        return True
     try:
         import torch
 
@@ -115,7 +124,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
     except (ImportError, AttributeError):
         pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(t in text for t in _CPU_ALLOCATOR_TEXT)
 
 
 def free_device_memory() -> None:
@@ -127,6 +137,43 @@ def free_device_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory this process can still take (Linux: MemAvailable, within a
+    container's cgroup limit); None where it cannot be told."""
+    free = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        return None
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes",
+                                    "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"/sys/fs/cgroup/{limit_file}", encoding="ascii") as handle:
+                limit = handle.read().strip()
+            with open(f"/sys/fs/cgroup/{usage_file}", encoding="ascii") as handle:
+                used = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            room = max(0, int(limit) - used)
+            free = room if free is None else min(free, room)
+        break
+    return free
+
+
+def gib(nbytes: float) -> str:
+    """``nbytes`` as "1.5 GiB" (or MiB / TiB), for messages."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{nbytes / 2**20:.3g} MiB"
 
 
 @contextlib.contextmanager
@@ -142,21 +189,76 @@ def memory_guard(what: str, hint: str) -> Iterator[None]:
         raise DeviceMemoryError(f"out of memory {what}; {hint}") from exc
 
 
+def _halved(tile: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+    """The largest axis halved (not below ``minimum``)."""
+    return tuple(max(minimum, t // 2) if t == max(tile) else t for t in tile)
+
+
+def window_bytes(tile: Sequence[int], voxel_bytes: float, multiple: int = 1) -> float:
+    """Estimated peak memory of one window: its voxels, padded to ``multiple``, times
+    ``voxel_bytes`` (a network's activations per input voxel)."""
+    padded = [-(-int(t) // multiple) * multiple for t in tile]
+    return float(voxel_bytes) * math.prod(padded)
+
+
 def with_smaller_tiles(run: Callable[[tuple[int, ...]], T], tile: Sequence[int], ctx: Any = None,
-                       device: Any = None, *, minimum: int = 32) -> T:
-    """``run(tile)``; on :class:`DeviceMemoryError` halve the largest tile axis (not below
-    ``minimum``) and try again, reporting each retry on ``ctx``. Returns what ``run`` does."""
+                       device: Any = None, *, minimum: int = 32,
+                       shape: Sequence[int] | None = None, voxel_bytes: float | None = None,
+                       multiple: int = 1) -> T:
+    """``run(tile)``; when the device (GPU or CPU) runs out of memory, halve the largest
+    tile axis (not below ``minimum``) and try again, reporting each retry on ``ctx``.
+    Returns what ``run`` does.
+
+    On the CPU, where running out of memory can kill the process instead of raising, a
+    ``voxel_bytes`` estimate (peak bytes per window voxel, padded to ``multiple``) is
+    checked first: windows (clipped to the volume's ``shape``) that would not fit in the
+    memory available start smaller, reported on ``ctx``. Raises DeviceMemoryError, saying
+    what to change, when even ``minimum`` windows do not fit.
+    """
     tile = tuple(int(t) for t in tile)
+    if shape is not None:
+        tile = tuple(min(t, int(s)) for t, s in zip(tile, shape, strict=True))
+    on_cpu = device is None or str(device).startswith("cpu")
+    if voxel_bytes and on_cpu:
+        tile = _fit_in_memory(tile, voxel_bytes, multiple, minimum, ctx)
     while True:
         try:
             return run(tile)
-        except DeviceMemoryError as exc:
-            smaller = tuple(max(minimum, t // 2) if t == max(tile) else t for t in tile)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+            if not isinstance(exc, DeviceMemoryError) and not is_out_of_memory(exc):
+                raise
+            free_device_memory()
+            smaller = _halved(tile, minimum)
             if smaller == tile:
-                where = f" on {device}" if device is not None else ""
+                if on_cpu:
+                    raise DeviceMemoryError(
+                        f"out of memory even with {tile} windows on the CPU: close other "
+                        "programs, or use a machine with more memory"
+                    ) from exc
                 raise DeviceMemoryError(
-                    f"{exc}. Even {tile} windows do not fit{where}: choose the CPU"
+                    f"{exc}. Even {tile} windows do not fit on {device}: choose the CPU"
                 ) from exc
             tile = smaller
             if ctx is not None:
-                ctx.report(None, f"out of device memory: retrying with {tile} windows")
+                where = "the CPU's" if on_cpu else "device"
+                ctx.report(None, f"out of {where} memory: retrying with {tile} windows")
+
+
+def _fit_in_memory(tile: tuple[int, ...], voxel_bytes: float, multiple: int, minimum: int,
+                   ctx: Any) -> tuple[int, ...]:
+    free = available_memory()
+    if free is None:
+        return tile
+    need = window_bytes(tile, voxel_bytes, multiple)
+    if need <= free:
+        return tile
+    start = tile
+    while window_bytes(tile, voxel_bytes, multiple) > free:
+        smaller = _halved(tile, minimum)
+        if smaller == tile:
+            break
+        tile = smaller
+    if ctx is not None:
+        ctx.report(None, f"{start} windows would need about {gib(need)}, more than the "
+                         f"{gib(free)} of memory free: using {tile} windows")
+    return tile

@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TileGrid", "as_triple", "gaussian_weights", "region_box"]
+__all__ = ["MIN_TILE", "TileGrid", "as_triple", "check_tile", "gaussian_weights", "region_box"]
+
+# The smallest window a task accepts per axis: smaller ones multiply the windows (1,1,1 on
+# 32 x 64 x 64 voxels is 131,072 of them) and each sees too little of the structure.
+MIN_TILE = 8
 
 
 # --------------------------------------------------------------------------- grid
@@ -131,6 +135,20 @@ def as_triple(value: Any, name: str, *, kind: type = int, positive: bool = False
         what = "positive sizes" if positive else "sizes"
         raise ValueError(f"{name} must be three {what} (z, y, x), got {value}")
     return value
+
+
+def check_tile(tile: Any, name: str = "tile", default: Sequence[int] | None = None) -> tuple:
+    """``tile`` as three ints (z, y, x), each at least :data:`MIN_TILE` voxels; ValueError
+    saying what to use otherwise (``default``: the task's default window, for the message)."""
+    tile = as_triple(tile, name, positive=True)
+    if min(tile) < MIN_TILE:
+        hint = f" (default {','.join(map(str, default))})" if default is not None else ""
+        raise ValueError(
+            f"{name} {','.join(map(str, tile))} is too small: windows need at least "
+            f"{MIN_TILE} voxels per axis{hint}; a window larger than the volume is clipped "
+            "to it, so a thin volume needs no small window"
+        )
+    return tile
 
 
 def region_box(region: Any, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -7,17 +7,23 @@ Saved model (every finetuned head, whatever the task): a folder with ``config.js
 pickle anywhere.
 
 Every file or folder the package writes under a user's name goes through
-:func:`atomic_write`: it is made under a hidden temporary name next to the target and
-renamed into place only when complete, so a crash or Ctrl-C never leaves half a result
-under the real name.
+:class:`StagedOutput` (:func:`atomic_write` for one call): it is made under a hidden
+temporary name next to the target and renamed into place only when complete, so a
+crash, Ctrl-C or ``kill -9`` never leaves half a result under the real name, and
+``--overwrite`` removes the old result only after the new one is complete. A Zarr output
+filled block by block also carries a *partial* mark (:mod:`napari_lsmfm.io.output`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
@@ -25,16 +31,23 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ANOTHER_RUN",
     "CONFIG_NAME",
     "MODEL_FORMAT",
     "MODEL_VERSION",
+    "StagedOutput",
     "atomic_write",
     "check_foundation",
     "foundation_fingerprint",
     "foundation_record",
+    "is_temporary",
     "load_task_model",
     "remove_path",
+    "remove_stale_temporaries",
     "save_task_model",
+    "swap_paths",
+    "temporary_path",
+    "user_named",
 ]
 
 MODEL_FORMAT = "napari-lsmfm-task"
@@ -44,41 +57,197 @@ CONFIG_NAME = "config.json"
 
 # ------------------------------------------------------------------- atomic writer
 
+TEMP_TAG = ".partial-"  # .NAME.partial-HOST-PID-RANDOM: being built (or, after a swap, the old)
+OLD_TAG = ".old-"  # .NAME.old-HOST-PID-RANDOM: the old folder, moved aside during a swap
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths in one step
+ANOTHER_RUN = ("another run wrote this output while this one worked; this result was not kept "
+               "(choose another name, or pass --overwrite)")
 
-def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any], *,
-                 mode: int | None = None) -> Path:
-    """Make ``target`` (a file or a folder) all at once: ``write(tmp)`` creates it under
-    a hidden temporary name beside ``target``; only when that returns is it renamed over
-    ``target`` (a folder already there is moved aside first and removed after). On any
-    error, Ctrl-C included, the temporary is removed and ``target`` is as it was.
-    ``mode``: permissions for a written file (e.g. 0o644 for shared weights). Checking
-    whether ``target`` may be replaced is the caller's job. Returns ``target``.
+
+class StagedOutput:
+    """A file or folder built under a hidden temporary name beside ``target``
+    (:attr:`tmp`, ``.NAME.partial-HOST-PID-RANDOM``) and moved into place by
+    :meth:`commit` only when complete; :meth:`abort` (or leaving a ``with`` block by an
+    exception, Ctrl-C included) removes it, and ``target`` stays as it was.
+
+    ``replace``: whether ``commit`` may replace a ``target`` that exists then (False: an
+    output another run made meanwhile is kept, and this one is refused). An old folder is
+    swapped out in one step (``renameat2``) and removed after, so a kill at any moment
+    leaves the old result or the new one under the name, never a mix. Temporaries that
+    killed runs left beside ``target`` are removed (an old folder moved aside is put back).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
+
+    def __init__(self, target: str | os.PathLike, *, replace: bool = True) -> None:
+        self.target = Path(target)
+        self.replace = replace
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.target)
+        self.tmp = temporary_path(self.target)
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def commit(self, *, mode: int | None = None) -> Path:
+        """Move the finished temporary over ``target`` (``mode``: permissions of a file);
+        FileExistsError when ``target`` appeared meanwhile and ``replace`` is False."""
+        tmp, target = self.tmp, self.target
         if mode is not None and tmp.is_file():
             os.chmod(tmp, mode)
-        _replace(tmp, target)
-    except BaseException:
-        remove_path(tmp)
+        there = target.exists() or target.is_symlink()
+        if there and not self.replace:
+            raise FileExistsError(errno.EEXIST, ANOTHER_RUN, str(target))
+        if tmp.is_dir() and there and target.is_dir() and not target.is_symlink():
+            if swap_paths(tmp, target):
+                remove_path(tmp)  # the old result, now under the temporary name
+                return target
+            old = temporary_path(target, OLD_TAG)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            remove_path(old)
+        elif tmp.is_dir() and there:
+            target.unlink()  # a file (or link) where a folder goes
+            os.replace(tmp, target)
+        elif tmp.is_dir() or self.replace:
+            # a folder: rename fails on a non-empty folder that appeared meanwhile
+            (os.replace if self.replace else os.rename)(tmp, target)
+        else:
+            _link_no_replace(tmp, target)
+        return target
+
+    def abort(self) -> None:
+        """Remove the temporary (nothing under ``target`` changes)."""
+        remove_path(self.tmp)
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any], *,
+                 mode: int | None = None, replace: bool = True) -> Path:
+    """Make ``target`` (a file or a folder) all at once: ``write(tmp)`` creates it under
+    a hidden temporary name beside ``target`` (a :class:`StagedOutput`); only when that
+    returns is it moved over ``target``. On any error, Ctrl-C included, the temporary is
+    removed and ``target`` is as it was; an OSError names ``target``, never the
+    temporary. ``mode``: permissions for a written file (e.g. 0o644 for shared weights).
+    ``replace=False``: refuse (FileExistsError) when ``target`` appeared while writing.
+    Checking whether ``target`` may be replaced at all is the caller's job. Returns
+    ``target``.
+    """
+    staged = StagedOutput(target, replace=replace)
+    try:
+        write(staged.tmp)
+        staged.commit(mode=mode)
+    except BaseException as err:
+        staged.abort()
+        renamed = user_named(err, staged.tmp, staged.target)
+        if renamed is not err:
+            raise renamed from None
         raise
-    return target
+    return staged.target
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    elif tmp.is_dir() and (path.exists() or path.is_symlink()):
-        path.unlink()  # a file (or link) where a folder goes
-        os.replace(tmp, path)
-    else:
-        os.replace(tmp, path)  # atomic for files on one file system
+def user_named(err: BaseException, tmp: Path, target: Path) -> BaseException:
+    """``err`` with ``target`` instead of the hidden temporary ``tmp`` in its file name
+    (an OSError about the temporary), else ``err`` itself."""
+    if not isinstance(err, OSError) or str(tmp) not in f"{err.filename} {err.filename2}":
+        return err
+    try:
+        return type(err)(err.errno, err.strerror or str(err), str(target))
+    except Exception:  # noqa: BLE001 - an OSError subclass with another signature
+        return err
+
+
+def temporary_path(target: str | os.PathLike, tag: str = TEMP_TAG) -> Path:
+    """A fresh hidden name beside ``target`` that says which run owns it:
+    ``.NAME<tag>HOST-PID-RANDOM`` (HOST: 6 hex digits of the host name's hash)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}{tag}{_owner()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for a name :func:`temporary_path` makes (a hidden output being built)."""
+    name = Path(path).name
+    return name.startswith(".") and (TEMP_TAG in name or OLD_TAG in name)
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``target`` left by killed runs of this host (their
+    process is gone); an old folder a killed swap moved aside is put back when
+    ``target`` is missing. Returns the paths removed or restored."""
+    target = Path(target)
+    prefix = f".{target.name}"
+    try:
+        entries = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    host = _owner().split("-")[0]
+    done = []
+    for entry in entries:
+        rest = entry.name[len(prefix):]
+        tag = next((t for t in (TEMP_TAG, OLD_TAG) if rest.startswith(t)), None)
+        if tag is None:
+            continue
+        owner = rest[len(tag):].split("-")
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        if _alive(int(owner[1])):
+            continue
+        try:
+            if tag == OLD_TAG and not (target.exists() or target.is_symlink()):
+                os.replace(entry, target)
+            else:
+                remove_path(entry)
+        except OSError:
+            continue
+        done.append(entry)
+    return done
+
+
+def swap_paths(a: Path, b: Path) -> bool:
+    """Exchange two existing paths in one step (Linux ``renameat2``); False where the
+    system or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                     ctypes.c_uint]
+    at_cwd = -100
+    return func(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _link_no_replace(tmp: Path, target: Path) -> None:
+    try:
+        os.link(tmp, target)  # fails when target exists: no other run's file is replaced
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, ANOTHER_RUN, str(target)) from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "already exists", str(target)) from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _owner() -> str:
+    host = hashlib.sha1(socket.gethostname().encode(), usedforsecurity=False).hexdigest()
+    return f"{host[:6]}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
 
 
 def remove_path(path: str | os.PathLike) -> None:

@@ -47,7 +47,9 @@ def check_volume(image: Any, task: str = "segmentation", *, values: bool = False
     if len(shape) != 3:
         raise ValueError(
             f"the image has {len(shape)} axes {shape}; {task} needs one channel of a 3D "
-            "stack (Z, Y, X). Pick one channel (and one time point) first, e.g. image[0]"
+            "stack (Z, Y, X): pick one channel and time point first (in napari: split the "
+            "channels; in Python: image[0]; for the command line: save that channel as its "
+            "own 3D file)"
         )
     if min(shape) < 1:
         raise ValueError(f"the image is empty (shape {shape})")

@@ -87,7 +87,8 @@ def _tiff_info(tif, path: Path, size: int, logged: list[str]):
     axes = series.axes.upper()
     shape = tuple(series.shape)
     photometric = getattr(page0.photometric, "name", str(page0.photometric))
-    if ("S" in axes and shape[axes.index("S")] in (3, 4)) or photometric in ("RGB", "YCBCR"):
+    rgb = ("S" in axes and shape[axes.index("S")] in (3, 4)) or photometric in ("RGB", "YCBCR")
+    if rgb and not _planes_saved_as_rgb(axes, shape, series.dtype):
         raise _rgb_error(path, shape)
     _check_codec(path, page0)
 
@@ -252,6 +253,13 @@ def _ome_xml_voxel_size(xml: str) -> tuple[dict[str, float], list[str]]:
         ch.get("Name", "") for ch in pixels if ch.tag.endswith("Channel")
     ]
     return sizes, names if any(names) else []
+
+
+def _planes_saved_as_rgb(axes: str, shape: tuple[int, ...], dtype) -> bool:
+    """A 3- or 4-plane stack a writer tagged RGB (tifffile does so for a (3, Y, X)
+    array): the samples are separate planes (axes "SYX") of more than 8 bits, which
+    colour pictures are not; read as (Z, Y, X)."""
+    return axes == "SYX" and shape[0] in (3, 4) and np.dtype(dtype).itemsize > 1
 
 
 def _rgb_error(path: Path, shape) -> VolumeError:

@@ -18,6 +18,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from .output import partial_info, partial_message
 from .raw import RawVolume, VolumeError
 from .tiff import read_tiff
 from .zarr_in import looks_like_zarr, read_zarr, zarr_errors
@@ -62,7 +63,9 @@ def open_volume(path: str | os.PathLike, *, allow_2d: bool = False) -> Volume:
     For multi-resolution files ``metadata["multiscale_levels"]`` lists every level
     (level 0 first) as dask arrays with the same axes as ``data``.
 
-    Raises VolumeError for a missing, empty, truncated, 2D, RGB or unsupported file.
+    Raises VolumeError for a missing, empty, truncated, 2D, RGB or unsupported file,
+    and for a partial output of an interrupted run (a Zarr store marked partial, or the
+    hidden temporary of an output being built).
     """
     path = Path(path).expanduser()
     name = path.name
@@ -71,6 +74,8 @@ def open_volume(path: str | os.PathLike, *, allow_2d: bool = False) -> Volume:
             f"'{path}' does not exist. Check the path and the spelling of the file name.",
             path,
         )
+    if partial_info(path) is not None:
+        raise VolumeError(partial_message(f"'{name}'", resume=True), path)
     lower = name.lower().rstrip("/")
     if lower.endswith(ZARR_SUFFIXES) or (path.is_dir() and looks_like_zarr(path)):
         raw = read_zarr(path)
@@ -139,6 +144,12 @@ def _arrange_axes(data: da.Array, axes: str, path: Path, allow_2d: bool):
     c = z = None
     promoted = False
     if len(others) == 0:
+        if math.prod(shape) == 1:
+            raise VolumeError(
+                f"'{name}' holds a single voxel (shape {shape}); napari-lsmfm works on 3D "
+                "stacks (Z, Y, X) of many voxels. Check that the whole stack was saved.",
+                path,
+            )
         if not allow_2d:
             raise VolumeError(
                 f"'{name}' is a 2D image (shape {shape}); napari-lsmfm works on 3D stacks "

@@ -3,8 +3,11 @@
 Dask input is written a slab (TIFF) or a chunk (Zarr) at a time, so a result larger
 than memory is saved without loading it whole. Nothing is written in place: the file
 is assembled under a hidden temporary name next to the target and moved over it at
-the end (:func:`~napari_lsmfm.engine.store.atomic_write`), so a failed write never
-leaves a half-written file under the user's name.
+the end (:func:`~napari_lsmfm.engine.store.atomic_write`), so a failed, interrupted or
+killed write never leaves a half-written file under the user's name, and an old file is
+replaced only by a complete new one. A Zarr store carries the partial mark
+(:mod:`.output`) until its last chunk is written. :func:`create_zarr` makes an empty
+OME-Zarr to fill block by block (the output allocator builds it under a temporary name).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import numpy as np
 
 from napari_lsmfm.engine.store import atomic_write
 
+from .output import clear_partial, partial_attrs
 from .volume import TIFF_SUFFIXES, ZARR_SUFFIXES
 from .zarr_in import looks_like_zarr
 
-__all__ = ["volume_stem", "write_volume"]
+__all__ = ["create_zarr", "volume_stem", "write_volume"]
 
 _BIGTIFF_BYTES = 2 * 10**9  # classic TIFF offsets end at 4 GiB; leave room for metadata
 _SLAB_BYTES = 64 * 2**20  # TIFF: planes computed per step
@@ -89,7 +93,8 @@ def write_volume(
         else:
             _write_zarr(tmp, arr, axes, voxel_size, kind, chunks, name=volume_stem(path))
 
-    atomic_write(path, write)
+    # replace=overwrite: a file another run made meanwhile is not replaced either
+    atomic_write(path, write, replace=overwrite)
     return path
 
 
@@ -250,26 +255,55 @@ def _zarr_chunks(shape: tuple[int, ...], chunks: Sequence[int] | None) -> tuple[
     return tuple(min(c, n) if n else 1 for c, n in zip(chunks, shape, strict=True))
 
 
-def _write_zarr(tmp: Path, arr, axes: str, voxel_size, kind: str, chunks, name: str) -> None:
+def create_zarr(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    dtype: Any,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    kind: Literal["image", "labels"] = "image",
+    chunks: Sequence[int] | None = None,
+    name: str | None = None,
+    attrs: dict | None = None,
+) -> Any:
+    """Create an empty OME-Zarr 0.4 group (zarr format 2) at ``path``, in place, and
+    return its array "0" of ``shape`` ((Z, Y, X), (C, Z, Y, X) or (Y, X)) and ``dtype``
+    (zeros until written) to fill. ``voxel_size``: (z, y, x) micrometres; ``chunks``: as
+    :func:`write_volume`; ``attrs``: more root attributes (e.g. the partial mark of
+    :func:`~napari_lsmfm.io.output.partial_attrs`), written with the metadata before any
+    data. Callers give a temporary ``path`` (see :class:`~napari_lsmfm.engine.store.
+    StagedOutput`)."""
     import numcodecs
     import zarr
 
-    zchunks = _zarr_chunks(tuple(arr.shape), chunks)
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=2)  # v2: Fiji, older tools
-    target = group.create_array(
+    path = Path(path)
+    shape = tuple(int(s) for s in shape)
+    axes = {2: "YX", 3: "ZYX", 4: "CZYX"}[len(shape)]
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)  # v2: Fiji, older tools
+    group.attrs.update({**_ome_attrs(axes, voxel_size, kind, name or volume_stem(path)),
+                        **(attrs or {})})
+    return group.create_array(
         "0",
-        shape=tuple(arr.shape),
-        chunks=zchunks,
-        dtype=arr.dtype,
+        shape=shape,
+        chunks=_zarr_chunks(shape, chunks),
+        dtype=np.dtype(dtype),
         compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE),
         fill_value=0,
         chunk_key_encoding={"name": "v2", "separator": "/"},  # as OME-Zarr 0.4 asks
     )
+
+
+def _write_zarr(tmp: Path, arr, axes: str, voxel_size, kind: str, chunks, name: str) -> None:
+    target = create_zarr(tmp, arr.shape, arr.dtype, voxel_size=voxel_size, kind=kind,
+                         chunks=chunks, name=name, attrs=partial_attrs())
     if isinstance(arr, np.ndarray):
         target[...] = arr
     else:
-        da.store(arr.rechunk(zchunks), target, lock=False)  # one task per Zarr chunk
+        da.store(arr.rechunk(target.chunks), target, lock=False)  # one task per Zarr chunk
+    clear_partial(tmp)
 
+
+def _ome_attrs(axes: str, voxel_size, kind: str, name: str) -> dict[str, Any]:
     axes_meta, scale = [], []
     for letter in axes:
         if letter == "C":
@@ -297,4 +331,4 @@ def _write_zarr(tmp: Path, arr, axes: str, voxel_size, kind: str, chunks, name: 
     }
     if kind == "labels":
         attrs["image-label"] = {"version": "0.4"}
-    group.attrs.update(attrs)
+    return attrs

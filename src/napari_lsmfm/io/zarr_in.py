@@ -135,10 +135,15 @@ def _zarr_raw(node, path: Path) -> RawVolume:
     source = None
     if scale is not None:
         units = [a.get("unit") for a in axes_meta]
+        unknown = []
         for letter, s, unit in zip(axes, scale, units, strict=True):
             if letter not in "ZYX":
                 continue
-            factor = UM_PER_UNIT.get(str(unit).lower(), 1.0) if unit else 1.0
+            # an unknown unit ("parsec") gives no voxel size, as in a TIFF: never guess um
+            factor = UM_PER_UNIT.get(str(unit).strip().lower()) if unit else 1.0
+            if factor is None:
+                unknown.append(str(unit))
+                continue
             sizes[letter] = float(s) * factor
         spatial_units = [u for a, u in zip(axes, units, strict=True) if a in "ZYX"]
         unitless_ones = not any(spatial_units) and all(
@@ -146,8 +151,10 @@ def _zarr_raw(node, path: Path) -> RawVolume:
         )
         if unitless_ones:
             sizes = {}  # a bare scale of 1 says nothing about micrometres
-        else:
+        elif not unknown:
             source = "ome-zarr"
+        else:
+            sizes = {}
 
     metadata: dict[str, Any] = {
         "format": "ome-zarr",
@@ -156,6 +163,8 @@ def _zarr_raw(node, path: Path) -> RawVolume:
         "source_shape": tuple(first.shape),
         "dtype": str(first.dtype),
     }
+    if scale is not None and unknown:
+        metadata["unknown_units"] = sorted(set(unknown))
     if "image-label" in ome:
         metadata["kind"] = "labels"
     omero = ome.get("omero") or {}

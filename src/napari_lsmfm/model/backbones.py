@@ -117,9 +117,11 @@ def encoder_taps(backbone: nn.Module, spec: Any) -> list[nn.Module]:
 def infer_architecture(encoder_state: Mapping[str, Any]) -> str | None:
     """Which backbone these (prefix-free) encoder keys belong to, or None."""
     keys = list(encoder_state)
-    if any(k.startswith("swinViT.") for k in keys):
+    # any of a layout's keys names it, so a file missing a few (e.g. the first layer's)
+    # is still recognised and then told which keys are missing
+    if any(k.startswith(("swinViT.", "encoder10.", "decoder5.")) for k in keys):
         return "swinunetr"
-    if any(k.startswith("model.0.") for k in keys):
+    if any(k.startswith("model.") and k.split(".")[1].isdigit() for k in keys if "." in k):
         return "unet"
     return None
 

@@ -85,6 +85,11 @@ def load_foundation(
     refused pickles) with a one-line message, ValueError for an unknown device.
     """
     target = resolve_device(device)  # a wrong device fails before any slow work
+    if vocab is not None and not Path(vocab).expanduser().is_file():
+        raise CheckpointError(
+            f"{vocab}: no such vocabulary file; give BERT's vocab.txt (--vocab, Python: "
+            "vocab=...) or leave it out"
+        )
     if path is None:
         if not (DEFAULT_MODEL_DIR / WEIGHTS_NAME).is_file():
             raise CheckpointError(NO_DEFAULT_MESSAGE)

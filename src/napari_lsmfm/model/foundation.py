@@ -317,6 +317,15 @@ class Foundation(nn.Module):
         """Inputs are padded internally to multiples of this (32 for SwinUNETR)."""
         return backbones.size_multiple(self.spec)
 
+    def voxel_bytes(self, out_channels: int = 0) -> float:
+        """Estimated peak memory of one inference pass per (padded) input voxel, in bytes:
+        the full-resolution activations (float32, a few layers of the widest of the
+        first encoder level and the dense output) and ``out_channels`` float32 outputs.
+        A guide for choosing windows that fit (measured about 350 B for the default
+        model's quick-mode features; this says 600)."""
+        width = max(self.spec.embed_dim, backbones.encoder_channels(self.spec)[0])
+        return 4.0 * (5 * width + 2 * int(out_channels))
+
     @property
     def feature_channels(self) -> list[int]:
         """Channels of `features()` levels: the dense output, then the encoder levels."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,9 @@ class UnsafeCheckpointError(CheckpointError):
         names = ", ".join(self.refused) or "objects outside the weights-only allow-list"
         super().__init__(
             f"{self.path}: refused to load — unpickling it would call {names}, which a "
-            "weights-only load does not allow because a pickle can run code. If the file comes "
-            "from a source you trust, load it with trusted=True (CLI --trust, widget "
-            "'Trust this file'); otherwise do not use it."
+            "weights-only load does not allow because a pickle can run code. Only if the file "
+            "comes from a source you trust, load it with trusted=True (CLI --trust, widget "
+            "'Trust this file'), which runs that code; otherwise do not use it."
         )
 
 
@@ -54,20 +55,73 @@ def _safe_globals() -> list:
     return allowed
 
 
+# First bytes of files people mistake for weights (images above all).
+_MAGIC = (
+    ((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), "tiff"),
+    ((b"\x89HDF\r\n\x1a\n",), "hdf5"),
+    ((b"\x93NUMPY",), "npy"),
+    ((b"\x89PNG", b"\xff\xd8\xff"), "picture"),
+)
+
+
 def file_kind(path: str | Path) -> str:
     """The kind of file from its first bytes: zip (torch >= 1.6), pickle (older torch),
-    safetensors, text or unknown."""
+    safetensors, tiff, hdf5, npy, picture (PNG / JPEG), text or unknown."""
     with open(path, "rb") as handle:
         head = handle.read(16)
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
+    for magics, kind in _MAGIC:
+        if head.startswith(magics):
+            return kind
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
         return "safetensors"
     if head.isascii():
         return "text"
     return "unknown"
+
+
+# Globals a weights-only load allows anyway: they are not what a refusal is about.
+_HARMLESS_GLOBALS = ("collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                     "builtins.bytearray", "builtins.complex", "builtins.slice")
+
+
+def pickle_globals(path: str | Path, max_bytes: int = 1 << 26) -> list[str]:
+    """The ``module.name`` globals a plain (non-zip) pickle file would import, read from
+    its opcodes without unpickling anything (a legacy torch file holds several pickles in
+    a row; the scan stops at the first thing that is not one). Torch's own rebuild
+    functions and plain containers are left out."""
+    import io
+    import pickletools
+
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes)
+    stream = io.BytesIO(data)
+    found: list[str] = []
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        memo: dict[int, str] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and ("UNICODE" in op.name
+                                               or op.name.endswith("STRING")):
+                    strings.append(str(arg))
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+        except Exception:  # noqa: BLE001 - the end of the pickles (tensor bytes follow)
+            break
+    return [n for n in dict.fromkeys(found)
+            if not n.startswith("torch.") and n not in _HARMLESS_GLOBALS]
 
 
 def _refused_globals(path: Path, err: Exception) -> list[str]:
@@ -79,15 +133,21 @@ def _refused_globals(path: Path, err: Exception) -> list[str]:
             names = [n for n in getter(str(path)) if n not in allowed]
     if not names:
         names = re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if not names and file_kind(path) == "pickle":
+        with contextlib.suppress(Exception):
+            names = [n for n in pickle_globals(path) if n not in allowed]
     return sorted(dict.fromkeys(names))
 
 
 def _weights_only_detail(err: Exception) -> str:
+    """What the weights-only unpickler objected to, without PyTorch's advice around it
+    (which suggests weights_only=False)."""
     text = str(err)
-    match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return (
-        match.group(1) if match else text.splitlines()[0] if text else type(err).__name__
-    ).strip()
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|$)", text, re.DOTALL)
+    if match:
+        return " ".join(match.group(1).split())
+    first = text.splitlines()[0] if text else type(err).__name__
+    return "the weights-only unpickler refused it" if "weights_only" in first else first.strip()
 
 
 def read_torch_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
@@ -111,7 +171,10 @@ def read_torch_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
     allow = getattr(torch.serialization, "safe_globals", None)
     try:
         with allow(_safe_globals()) if allow else contextlib.nullcontext():
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+            with warnings.catch_warnings():  # torch's own advice would contradict ours
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.load(path, map_location="cpu", weights_only=True,
+                                  mmap=kind == "zip")
     except pickle.UnpicklingError as err:
         detail = _weights_only_detail(err)
         if "truncated" in detail or "EOF" in detail:
@@ -139,6 +202,11 @@ def read_torch_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
 def _describe_kind(kind: str) -> str:
     return {
         "safetensors": "a safetensors file, which needs its config.json beside it",
+        "tiff": "a TIFF image, not model weights: images go to lsmfm segment / deblur or "
+                "napari",
+        "hdf5": "an HDF5 file",
+        "npy": "a numpy array file",
+        "picture": "a PNG / JPEG picture",
         "text": "a text file",
         "unknown": "some other binary file",
     }.get(kind, kind)

@@ -71,13 +71,17 @@ def pretrain(
         ctx: progress and cancel (``ctx.report`` each step with the loss terms); on cancel
             a checkpoint of the last finished step is written, then ``Cancelled`` is raised.
         resume: True resumes from the latest checkpoint in ``out`` (or starts afresh when
-            there is none); a path resumes from that checkpoint; None/False starts afresh.
+            there is none, saying so in the notes); a path resumes from that checkpoint;
+            None/False starts afresh. Resuming with other ``steps`` than the checkpoint's
+            run stretches the learning-rate schedule (a note says so); fewer steps than
+            the checkpoint has done is refused.
         captions: a captions JSON, used when ``data`` is a path.
         overwrite: start afresh even when ``out`` already holds a model or checkpoints.
 
     Returns a dict: ``step`` (steps done), ``loss`` and each active term averaged over the
-    last ``min(50, max(1, steps // 10))`` steps, ``logit_scale``, ``wall_time_s``, ``out``
-    and ``weights_sha256`` (this rank's final weights, see :func:`weights_digest`).
+    last ``min(50, max(1, steps // 10))`` steps, ``logit_scale``, ``wall_time_s``, ``out``,
+    ``weights_sha256`` (this rank's final weights, see :func:`weights_digest`) and
+    ``notes`` (what was switched off, resumed or changed on the way).
     Raises ValueError for bad settings or data, FileExistsError when ``out`` is in use.
     """
     ctx = ctx if ctx is not None else JobContext()
@@ -106,6 +110,7 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: World)
         )
     objectives, notes = _active_objectives(config, source)
     run_config = PretrainConfig.from_dict({**config.to_dict(), "objectives": objectives})
+    notes += _resume_notes(resume, ckpt_path, state, run_config)
 
     # The same seed gives the same initial weights on every rank (DDP also broadcasts them).
     torch.manual_seed(run_config.seed)
@@ -192,7 +197,31 @@ def _pretrain(config, data, out, ctx, resume, captions, overwrite, world: World)
         "wall_time_s": wall,
         "out": str(out),
         "weights_sha256": weights_digest(student),
+        "notes": notes,
     }
+
+
+def _resume_notes(resume: Any, ckpt_path: Path | None, state: dict | None,
+                  config: PretrainConfig) -> list[str]:
+    """What a resume changes, said aloud: no checkpoint to resume (a fresh start), or
+    another number of steps than the checkpoint's run (the schedule changes). Refuses
+    (ValueError) a checkpoint already past ``config.steps``."""
+    if resume not in (None, False) and ckpt_path is None:
+        return ["--resume found no checkpoint in the output folder: starting afresh"]
+    if state is None:
+        return []
+    step = int(state.get("step", 0))
+    before = (state.get("config") or {}).get("steps")
+    if step > config.steps:
+        raise ValueError(
+            f"{ckpt_path} is at step {step}, past the {config.steps} steps asked for; resume "
+            f"with --steps {before or step} (or more), or start afresh with --overwrite"
+        )
+    if before is not None and int(before) != config.steps:
+        return [f"the checkpoint's run had {before} steps, this one has {config.steps}: the "
+                "learning-rate schedule (cosine decay) now spans the new length, so the "
+                f"learning rate changes at step {step}"]
+    return []
 
 
 def _resume_from(out: Path, resume: Any, overwrite: bool) -> tuple[Path | None, dict | None]:

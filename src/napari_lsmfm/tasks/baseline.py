@@ -20,6 +20,7 @@ from napari_lsmfm.io.check import check_volume
 
 from .filters import filter_bank_numpy
 from .segment import SegmentationResult, SparseLabels, normalized_entropy
+from .segment.labels import class_dtype
 
 __all__ = ["PixelClassifier", "filter_features"]
 
@@ -95,7 +96,7 @@ class PixelClassifier:
         return self
 
     def predict(self, image: Any) -> SegmentationResult:
-        """Class map (uint8 / uint16, background 0), probabilities (C, Z, Y, X) float32
+        """Class map (uint8 / uint16 / uint32, background 0), probabilities (C, Z, Y, X) float32
         and the normalised-entropy uncertainty of a (Z, Y, X) volume."""
         if self.forest is None:
             raise ValueError("the classifier is not trained yet: call fit first")
@@ -107,7 +108,7 @@ class PixelClassifier:
         probs[self.forest.classes_] = proba
         probs = probs.reshape(-1, *feats.shape[1:])
         lut = np.asarray(self.channel_values)
-        dtype = np.uint8 if lut.max() <= 255 else np.uint16
+        dtype = class_dtype(self.channel_values)
         return SegmentationResult(
             classes=lut[np.argmax(probs, 0)].astype(dtype),
             probabilities=probs,

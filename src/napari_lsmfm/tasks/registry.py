@@ -21,6 +21,7 @@ __all__ = ["TASKS", "load_model", "saved_task", "task_class"]
 TASKS: dict[str, str] = {
     "segment": "napari_lsmfm.tasks.segment:Segmenter",
     "deblur": "napari_lsmfm.tasks.deblur:Deblurrer",
+    "classify": "napari_lsmfm.tasks.classify:Classifier",
 }
 
 

@@ -19,7 +19,17 @@ from .config import DEBLUR_SPEC, DeblurConfig
 from .deblurrer import Deblurrer
 from .intensity import check_deblur_input, output_dtype, to_units
 from .result import DeblurResult, contrast_limits
-from .rl import check_psf, gaussian_psf, psf_sigma_voxels, read_psf, richardson_lucy
+from .rl import (
+    check_psf,
+    check_psf_sigma,
+    check_rl_memory,
+    crop_psf,
+    gaussian_psf,
+    gaussian_size,
+    psf_sigma_voxels,
+    read_psf,
+    richardson_lucy,
+)
 
 __all__ = [
     "DEFAULT_DEBLUR_DIR",
@@ -86,6 +96,8 @@ def deblur(
             known = psf_sigma_voxels(psf_sigma)
         elif psf_sigma_um is not None:
             known = psf_sigma_voxels(psf_sigma_um, unit="um", voxel_size=voxel_size)
+        if known is not None:
+            check_psf_sigma(known, image.shape)
         if model is None:
             model = load_default_deblur(device)
         elif not isinstance(model, Deblurrer):
@@ -93,11 +105,13 @@ def deblur(
         elif device is not None:
             model.to_device(device)
         return model.predict(image, ctx, out=out, psf_sigma=known).data
-    kernel = _resolve_psf(psf_sigma, psf_sigma_um, voxel_size, psf)
     n_iter = 10 if iterations is None else int(iterations)
     if n_iter < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
-    return _deblur_rl(image, kernel, n_iter, ctx, out)
+    tile = rl_tile(image.shape)
+    kernel = _resolve_psf(psf_sigma, psf_sigma_um, voxel_size, psf, image.shape, tile)
+    check_rl_memory(tile, kernel.shape)
+    return _deblur_rl(image, kernel, n_iter, ctx, out, tile)
 
 
 def deblur_volume(image: Any, ctx: Any = None, *, max_bytes: int = SCRATCH_BYTES,
@@ -130,7 +144,16 @@ def deblur_volume(image: Any, ctx: Any = None, *, max_bytes: int = SCRATCH_BYTES
 # ------------------------------------------------------------------ Richardson-Lucy
 
 
-def _resolve_psf(psf_sigma, psf_sigma_um, voxel_size, psf) -> np.ndarray:
+def rl_tile(shape: Sequence[int]) -> tuple[int, int, int]:
+    """The Richardson-Lucy windows (z, y, x) on a volume of ``shape``: :data:`RL_TILE`
+    clipped to it."""
+    return tuple(min(t, int(s)) for t, s in zip(RL_TILE, shape, strict=True))  # type: ignore
+
+
+def _resolve_psf(psf_sigma, psf_sigma_um, voxel_size, psf, shape, tile) -> np.ndarray:
+    """The PSF kernel, refused when wider than the volume, cut to the kernel a window of
+    ``tile`` can use (at most 2 tile + 1 voxels per axis: no change for any PSF that
+    fits the window)."""
     given = [v is not None for v in (psf_sigma, psf_sigma_um, psf)]
     if sum(given) != 1:
         raise ValueError(
@@ -138,20 +161,25 @@ def _resolve_psf(psf_sigma, psf_sigma_um, voxel_size, psf) -> np.ndarray:
             "in micrometres (psf_sigma_um, with the voxel size) or a PSF (array or TIFF file)"
         )
     if psf is not None:
-        if isinstance(psf, str | Path):
-            return read_psf(psf)
-        return check_psf(psf)
+        kernel = read_psf(psf) if isinstance(psf, str | Path) else check_psf(psf)
+        return crop_psf(kernel, tile)
     if psf_sigma is not None:
-        return gaussian_psf(psf_sigma_voxels(psf_sigma))
-    return gaussian_psf(psf_sigma_voxels(psf_sigma_um, unit="um", voxel_size=voxel_size))
+        sigma = psf_sigma_voxels(psf_sigma)
+    else:
+        sigma = psf_sigma_voxels(psf_sigma_um, unit="um", voxel_size=voxel_size)
+    check_psf_sigma(sigma, shape)
+    size = gaussian_size(sigma)
+    if any(k > 2 * t + 1 for k, t in zip(size, tile, strict=True)):
+        return gaussian_psf(sigma, [min(k, 2 * t + 1) for k, t in zip(size, tile, strict=True)])
+    return gaussian_psf(sigma)
 
 
-def _deblur_rl(image: Any, psf: np.ndarray, iterations: int, ctx: Any, out: Any) -> Any:
+def _deblur_rl(image: Any, psf: np.ndarray, iterations: int, ctx: Any, out: Any,
+               tile: tuple[int, int, int]) -> Any:
     if out is None:
         out = np.empty(image.shape, output_dtype(image))
     if tuple(out.shape) != tuple(image.shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(image.shape)}")
-    tile = tuple(min(t, s) for t, s in zip(RL_TILE, image.shape, strict=True))
     # windows overlap by at least twice the PSF's half-width: their edges blend away
     overlap = max(0.25, *(min(0.5, 2 * (p // 2) / t) for p, t in zip(psf.shape, tile,
                                                                      strict=True)))

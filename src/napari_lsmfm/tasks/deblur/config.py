@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from napari_lsmfm.engine.grid import as_triple
+from napari_lsmfm.engine.grid import as_triple, check_tile
 from napari_lsmfm.tasks.base import TaskConfig
 
-__all__ = ["DEBLUR_SPEC", "DeblurConfig"]
+__all__ = ["DEBLUR_SPEC", "DEFAULT_DEBLUR_TILE", "DeblurConfig"]
+
+DEFAULT_DEBLUR_TILE = (64, 192, 192)
 
 # Small for CPU speed; batch norm (running statistics at prediction) makes every window
 # see the same network, so tiled and whole-volume results agree (instance norm would
@@ -57,7 +59,7 @@ class DeblurConfig(TaskConfig):
     unshuffle: int = 2
     psf_condition: bool = False
     psf_dropout: float = 0.25
-    tile: tuple[int, int, int] = (64, 192, 192)
+    tile: tuple[int, int, int] = DEFAULT_DEBLUR_TILE
     overlap: float = 0.25
     l1: float = 1.0
     l2: float = 10.0
@@ -75,7 +77,7 @@ class DeblurConfig(TaskConfig):
 
     def validate(self) -> None:
         self.patch_size = as_triple(self.patch_size, "patch_size", positive=True)
-        self.tile = as_triple(self.tile, "tile", positive=True)
+        self.tile = check_tile(self.tile, "tile", DEFAULT_DEBLUR_TILE)
         self.lateral_sigma = _range(self.lateral_sigma, "lateral_sigma")
         self.axial_ratio = _range(self.axial_ratio, "axial_ratio")
         self.photons = _range(self.photons, "photons")

@@ -220,6 +220,15 @@ class Deblurrer:
 
         return fn
 
+    def memory(self, shape: Any) -> dict:
+        """The memory estimate of prediction windows on a volume of ``shape``, as keyword
+        arguments of :func:`~napari_lsmfm.engine.device.with_smaller_tiles` (the network
+        sees 1 / unshuffle^3 of the voxels, in unshuffle^3 times the channels)."""
+        f = self.net.unshuffle
+        fm = self.net.foundation
+        return {"shape": tuple(shape), "multiple": f * fm.size_multiple,
+                "voxel_bytes": fm.voxel_bytes(2 * f**3) / f**3 + 16.0}
+
     def predict(self, image: Any, ctx: Any = None, *, region: Any = None, out: Any = None,
                 intensity_range: tuple[float, float] | None = None,
                 psf_sigma: Sequence[float] | None = None) -> DeblurResult:
@@ -266,7 +275,7 @@ class Deblurrer:
                 max_block_bytes=cfg.block_bytes, ctx=ctx, message="deblurring",
                 align=cfg.unshuffle,
             ),
-            cfg.tile, ctx, self.device,
+            cfg.tile, ctx, self.device, **self.memory(image.shape),
         )
         return DeblurResult(out, seconds=time.perf_counter() - t0, model=self, region=slices)
 

@@ -21,7 +21,11 @@ import numpy as np
 from scipy import fft as sfft
 
 __all__ = [
+    "check_psf_sigma",
+    "check_rl_memory",
+    "crop_psf",
     "gaussian_psf",
+    "gaussian_size",
     "psf_sigma_voxels",
     "read_psf",
     "richardson_lucy",
@@ -65,6 +69,62 @@ def psf_sigma_voxels(
     return tuple(s / v for s, v in zip(values, size, strict=True))  # type: ignore[return-value]
 
 
+def gaussian_size(sigma_vox: Sequence[float]) -> tuple[int, int, int]:
+    """The default size (z, y, x) of :func:`gaussian_psf`: 2 ceil(4 sigma) + 1, at least 3."""
+    return tuple(max(3, 2 * math.ceil(PSF_TRUNCATE * float(s)) + 1)  # type: ignore[return-value]
+                 for s in sigma_vox)
+
+
+def check_psf_sigma(sigma_vox: Sequence[float], shape: Sequence[int]) -> None:
+    """Refuse (ValueError, saying what to give) a Gaussian PSF whose sigma along an axis
+    exceeds the volume's size there (``shape`` (Z, Y, X)): such a blur spreads every
+    voxel over the whole volume, and its kernel alone can need terabytes."""
+    for s, n, axis in zip(sigma_vox, shape, "zyx", strict=True):
+        if float(s) > int(n):
+            raise ValueError(
+                f"the PSF sigma {float(s):g} voxels along {axis} is larger than the volume "
+                f"({int(n)} voxels along {axis}); give the Gaussian sigma of the blur in "
+                "voxels (z,y,x, typically 1-5; --psf-unit um for micrometres)"
+            )
+
+
+def crop_psf(psf: np.ndarray, tile: Sequence[int]) -> np.ndarray:
+    """``psf`` cut around its centre to at most 2 tile + 1 voxels per axis (all a window
+    of ``tile`` can use) and renormalised; unchanged when it is no larger."""
+    limit = [2 * int(t) + 1 for t in tile]
+    if all(k <= m for k, m in zip(psf.shape, limit, strict=True)):
+        return psf
+    box = tuple(slice((k - min(k, m)) // 2, (k - min(k, m)) // 2 + min(k, m))
+                for k, m in zip(psf.shape, limit, strict=True))
+    cut = np.ascontiguousarray(psf[box], np.float32)
+    return (cut / cut.sum()).astype(np.float32)
+
+
+def rl_bytes(tile: Sequence[int], kernel: Sequence[int]) -> int:
+    """Estimated peak memory of Richardson-Lucy on one window of ``tile`` with a PSF of
+    ``kernel`` voxels: the padded FFT volume (about eight float32 arrays of it)."""
+    fshape = [sfft.next_fast_len(max(int(t) + 2 * min(int(k) // 2, max(int(t) - 1, 0)),
+                                     int(k)), real=True)
+              for t, k in zip(tile, kernel, strict=True)]
+    return 32 * math.prod(fshape)
+
+
+def check_rl_memory(tile: Sequence[int], kernel: Sequence[int]) -> None:
+    """Refuse (ValueError, saying what to change) a Richardson-Lucy run whose windows of
+    ``tile`` with a PSF of ``kernel`` voxels need more memory than is free."""
+    from napari_lsmfm.engine.device import available_memory, gib
+
+    need = rl_bytes(tile, kernel)
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(
+            f"Richardson-Lucy with a PSF of {tuple(int(k) for k in kernel)} voxels needs about "
+            f"{gib(need)} per window of {tuple(tile)}, more than the {gib(free)} of memory "
+            "free; use a narrower PSF (a smaller --psf-sigma, or a cropped --psf-file) or "
+            "free some memory"
+        )
+
+
 def gaussian_psf(sigma_vox: float | Sequence[float], size: Sequence[int] | None = None
                  ) -> np.ndarray:
     """A sampled 3D Gaussian PSF, float32 (z, y, x), summing to 1, peak at ``size // 2``.
@@ -74,7 +134,7 @@ def gaussian_psf(sigma_vox: float | Sequence[float], size: Sequence[int] | None 
     """
     sig = psf_sigma_voxels(sigma_vox)
     if size is None:
-        size = tuple(max(3, 2 * math.ceil(PSF_TRUNCATE * s) + 1) for s in sig)
+        size = gaussian_size(sig)
     size = tuple(int(n) for n in size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"the PSF size must be three positive sizes (z, y, x), got {size}")

@@ -18,10 +18,10 @@ Two modes, one :class:`Segmenter`:
 
 Prediction runs over the whole volume window by window (:mod:`napari_lsmfm.engine.tiled`),
 reading a dask / zarr input a block at a time and writing numpy or zarr outputs, so a
-volume larger than memory works. Outputs (:mod:`.result`): class map (uint8 / uint16),
-per-class probabilities (float32 / float16 / uint8 scaled to 255), an uncertainty map
-(normalised entropy in [0, 1]: where another stroke would help most) and, on request,
-instance labels for blob-like classes.
+volume larger than memory works. Outputs (:mod:`.result`): class map (uint8 / uint16 /
+uint32, whichever keeps every brush value), per-class probabilities (float32 / float16 /
+uint8 scaled to 255), an uncertainty map (normalised entropy in [0, 1]: where another
+stroke would help most) and, on request, instance labels for blob-like classes.
 
 The package: :mod:`.labels` (brush strokes), :mod:`.config` (settings),
 :mod:`.features`, :mod:`.quick`, :mod:`.full`, :mod:`.result`, :mod:`.segmenter`

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from napari_lsmfm.engine.grid import as_triple
+from napari_lsmfm.engine.grid import as_triple, check_tile
 from napari_lsmfm.engine.tiled import DEFAULT_TILE
 from napari_lsmfm.tasks.base import TaskConfig
 
@@ -97,7 +97,7 @@ class SegmentConfig(TaskConfig):
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'quick' or 'full', got {self.mode!r}")
         self.patch_size = as_triple(self.patch_size, "patch_size", positive=True)
-        self.tile = as_triple(self.tile, "tile", positive=True)
+        self.tile = check_tile(self.tile, "tile", DEFAULT_TILE)
         self.feature_levels = tuple(int(v) for v in self.feature_levels)
         self.sigmas = tuple(float(s) for s in self.sigmas)
         if self.voxel_size is not None:

@@ -54,6 +54,12 @@ class QuickFeatures:
         return (image_key, foundation_fingerprint(self.foundation), repr(self.settings()),
                 config.tile, config.overlap, config.feature_blend)
 
+    def memory(self, shape: Any) -> dict:
+        """The memory estimate of these windows on a volume of ``shape``, as keyword
+        arguments of :func:`~napari_lsmfm.engine.device.with_smaller_tiles`."""
+        return {"shape": tuple(shape), "voxel_bytes": self.foundation.voxel_bytes(self.channels),
+                "multiple": self.foundation.size_multiple}
+
     def window_fn(self, intensity_range: tuple[float, float]):
         """fn(windows (B, 1, z, y, x) raw float32) -> features (B, C, z, y, x) torch."""
 
@@ -88,7 +94,7 @@ def volume_features(features: QuickFeatures, image: Any, irange: tuple[float, fl
         fn, image, out_channels=features.channels, tile=tile, overlap=config.overlap,
         blend=config.feature_blend, dtype=np.float16, max_block_bytes=config.block_bytes,
         ctx=ctx, message="features",
-    ), config.tile, ctx, features.foundation.device)
+    ), config.tile, ctx, features.foundation.device, **features.memory(image.shape))
 
 
 def point_features(features: QuickFeatures, image: Any, coords: np.ndarray,
@@ -99,7 +105,7 @@ def point_features(features: QuickFeatures, image: Any, coords: np.ndarray,
     return with_smaller_tiles(lambda tile: predict_points(
         fn, image, coords, out_channels=features.channels, tile=tile,
         overlap=config.overlap, blend=config.feature_blend, ctx=ctx, message="features",
-    ), config.tile, ctx, features.foundation.device)
+    ), config.tile, ctx, features.foundation.device, **features.memory(image.shape))
 
 
 class FeatureCache(dict):

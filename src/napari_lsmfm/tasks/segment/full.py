@@ -285,4 +285,5 @@ def predict_full(net: FullNet, anchor: FullNet | None, config: Any, image: Any,
         fn, image, out_channels=net.head.n_out, tile=tile, overlap=config.overlap,
         blend="gaussian", region=region, sink=write, max_block_bytes=config.block_bytes,
         ctx=ctx, message="segmenting",
-    ), config.tile, ctx, device)
+    ), config.tile, ctx, device, shape=image.shape, multiple=net.foundation.size_multiple,
+        voxel_bytes=net.foundation.voxel_bytes(net.head.n_out) * (1 if anchor is None else 2))

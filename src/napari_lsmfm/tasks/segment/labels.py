@@ -13,11 +13,27 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AXES", "BACKGROUND", "MAX_CLASSES", "SparseLabels"]
+__all__ = ["AXES", "BACKGROUND", "MAX_CLASSES", "MAX_CLASS_VALUE", "SparseLabels",
+           "class_dtype"]
 
 MAX_CLASSES = 64
 BACKGROUND = 1
 AXES = "zyx"
+# The largest brush value a class map keeps (uint32, the widest labels napari and TIFF
+# readers agree on).
+MAX_CLASS_VALUE = 2**32 - 1
+
+
+def class_dtype(values: Sequence[int]) -> np.dtype:
+    """The smallest unsigned dtype holding every class value (uint8, uint16 or uint32):
+    the dtype of a class map, so that a brush value is kept as painted. ValueError above
+    :data:`MAX_CLASS_VALUE`."""
+    top = max((int(v) for v in values), default=0)
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"class value {top} is larger than {MAX_CLASS_VALUE}, the largest a class "
+                     "map (uint32) keeps; renumber the brushes (1 = background, 2, 3, ...)")
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,12 @@ class SparseLabels:
             raise ValueError(
                 "only background (label 1) is painted, one class is not enough: paint the "
                 "structure with label 2 (and further classes with 3, 4, ...)"
+            )
+        if len(classes) and int(classes[-1]) > MAX_CLASS_VALUE:
+            raise ValueError(
+                f"brush value {int(classes[-1])} is larger than {MAX_CLASS_VALUE}, the largest "
+                "class value a class map (uint32) keeps; renumber the brushes (1 = "
+                "background, 2, 3, ... = classes)"
             )
         if len(classes) > MAX_CLASSES:
             raise ValueError(

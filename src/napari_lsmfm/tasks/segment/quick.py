@@ -169,4 +169,4 @@ def classify_windows(head: VoxelHead, features: Any, config: Any, image: Any,
         features.window_fn(irange), image, out_channels=features.channels, tile=tile,
         overlap=config.overlap, blend=config.feature_blend, region=region, sink=sink,
         max_block_bytes=config.block_bytes, ctx=ctx, message="segmenting",
-    ), config.tile, ctx, device)
+    ), config.tile, ctx, device, **features.memory(image.shape))

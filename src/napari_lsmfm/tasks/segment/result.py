@@ -13,15 +13,18 @@ import numpy as np
 from napari_lsmfm.tasks.base import LayerData, TaskResult
 from napari_lsmfm.tasks.instances import split_instances
 
-__all__ = ["ResultWriter", "SegmentationResult", "class_instances", "instance_classes",
-           "normalized_entropy", "probability_dtype"]
+from .labels import class_dtype
+
+__all__ = ["ResultWriter", "SegmentationResult", "check_class_dtype", "class_instances",
+           "instance_classes", "normalized_entropy", "probability_dtype"]
 
 
 @dataclass
 class SegmentationResult(TaskResult):
     """What a prediction returns (arrays cover ``region`` of the image, all of it by default).
 
-    classes: (Z, Y, X) uint8 / uint16 with the brushed class values, background 0.
+    classes: (Z, Y, X) uint8 / uint16 / uint32 (the smallest holding every class value,
+        :func:`~.labels.class_dtype`) with the brushed class values, background 0.
     probabilities: (C, Z, Y, X) per-class probabilities (float32, float16, or uint8 where
         255 = 1), channel i for ``channel_values[i]`` (channel 0 = background); or None.
     uncertainty: (Z, Y, X) float32 normalised entropy in [0, 1]; or None.
@@ -101,24 +104,39 @@ def check_out(array: Any, shape: Sequence[int], name: str) -> None:
         raise ValueError(f"out[{name!r}] has shape {tuple(array.shape)}, expected {tuple(shape)}")
 
 
+def check_class_dtype(dtype: Any, channel_values: Sequence[int]) -> None:
+    """Raise ValueError, before any work, unless a class map of ``dtype`` holds every one
+    of ``channel_values`` (a narrower one would wrap them: 70000 in uint16 is 4464)."""
+    dtype = np.dtype(dtype)
+    top = max(int(v) for v in channel_values)
+    if dtype.kind not in "iu" or top > np.iinfo(dtype).max:
+        raise ValueError(
+            f"the class map is {dtype} but the class values go up to {top}; give a "
+            f"{class_dtype(channel_values)} array (out['classes'])"
+        )
+
+
 class ResultWriter:
     """The output arrays of one prediction over a region of ``shape`` (Z, Y, X), and the
     sink that fills them from blocks of probabilities.
 
     ``out`` arrays ("classes", "probabilities", "uncertainty") are filled in place
-    (e.g. zarr); missing ones are allocated as numpy (classes uint8, or uint16 above
-    255; probabilities in ``probability_dtype(probabilities)``; uncertainty float32).
+    (e.g. zarr); missing ones are allocated as numpy (classes in
+    :func:`~.labels.class_dtype` of the values: uint8, uint16 above 255, uint32 above
+    65535; probabilities in ``probability_dtype(probabilities)``; uncertainty float32).
+    A given "classes" array too narrow for the class values is refused (ValueError).
     """
 
     def __init__(self, shape: Sequence[int], channel_values: Sequence[int],
                  out: Mapping[str, Any], probabilities: bool | str, uncertainty: bool) -> None:
         shape = tuple(int(s) for s in shape)
         n_out = len(channel_values)
-        cdtype = np.uint8 if max(channel_values) <= 255 else np.uint16
+        cdtype = class_dtype(channel_values)
         pdtype = probability_dtype(probabilities)
         self.classes = out.get("classes")
         if self.classes is None:
             self.classes = np.zeros(shape, cdtype)
+        check_class_dtype(self.classes.dtype, channel_values)
         self.probabilities = out.get("probabilities")
         if pdtype is not None and self.probabilities is None:
             self.probabilities = np.zeros((n_out, *shape), pdtype)

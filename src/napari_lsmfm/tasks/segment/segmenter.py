@@ -32,7 +32,7 @@ from . import saved
 from .config import SegmentConfig
 from .features import FeatureCache, QuickFeatures, image_key, point_features, volume_features
 from .full import FullNet, finetune, predict_full
-from .labels import SparseLabels
+from .labels import SparseLabels, class_dtype
 from .quick import classify_cached, classify_windows, fit_head, head_decay
 from .result import ResultWriter, SegmentationResult, class_instances, instance_classes
 
@@ -80,6 +80,12 @@ class Segmenter:
         return (0, *self.classes)
 
     @property
+    def class_dtype(self) -> np.dtype:
+        """The dtype of the class map ``predict`` returns: uint8, uint16 or uint32, the
+        smallest holding every class value (allocate an ``out["classes"]`` in it)."""
+        return class_dtype(self.channel_values)
+
+    @property
     def device(self) -> torch.device:
         if self.net is not None:
             return next(self.net.parameters()).device
@@ -125,8 +131,9 @@ class Segmenter:
 
         Returns:
             A FitReport (history: loss per step, best_loss, steps_done, stopped, seconds;
-            extra n_annotated, classes). When the job is cancelled during training, the
-            best weights so far are kept and ``stopped=True`` is returned (no exception),
+            extra n_annotated, classes, and "warnings" when the image is constant). When
+            the job is cancelled during training, the best weights so far are kept and
+            ``stopped=True`` is returned (no exception),
             so the model can predict at once; cancelled before any training step, the
             previous model is kept and ``Cancelled`` propagates.
         """
@@ -141,11 +148,14 @@ class Segmenter:
             )
         key = image_key(image)
         irange = self._intensity_range(image, key)
+        warnings = flat_image_warnings(irange, ctx)
         if self.config.mode == "quick":
             sparse = sparse.subsample(self.config.max_samples, self.config.seed)
             report = self._fit_quick(image, sparse, key, irange, ctx)
         else:
             report = self._fit_full(image, sparse, irange, ctx)
+        if warnings:
+            report.update(warnings=warnings)
         return report.update(seconds=time.perf_counter() - t0, n_annotated=sparse.n_annotated,
                              classes=list(self.classes))
 
@@ -248,7 +258,8 @@ class Segmenter:
             region: three slices (z, y, x): predict only this region; arrays then cover
                 it (``roi`` is the older name).
             out: arrays to fill instead of allocating numpy ones (e.g. zarr, for volumes
-                larger than memory): keys "classes" (Z, Y, X), "probabilities"
+                larger than memory): keys "classes" (Z, Y, X; at least
+                :attr:`class_dtype`, else ValueError before any work), "probabilities"
                 (C, Z, Y, X), "uncertainty" (Z, Y, X), "instances" (Z, Y, X).
             probabilities: True / "float32", "float16", "uint8" (255 = 1), or False.
             uncertainty: compute the normalised-entropy map.
@@ -256,7 +267,8 @@ class Segmenter:
                 (blob-like classes); computed in memory from the class map.
 
         Returns:
-            A :class:`SegmentationResult`.
+            A :class:`SegmentationResult`; its ``stats["warnings"]`` says when the image
+            is constant (every voxel then gets the same class).
         """
         if not self.trained:
             raise ValueError("the model is not trained yet: paint some strokes and train first")
@@ -273,6 +285,9 @@ class Segmenter:
         stats = {"voxels": int(math.prod(shape))}
         t0 = time.perf_counter()
         irange = self._intensity_range(image, key)
+        warnings = flat_image_warnings(irange, ctx)
+        if warnings:
+            stats["warnings"] = warnings
         pred_ctx = span(ctx, 0.0, 0.9 if instances else 1.0)
         if self.config.mode == "quick":
             self._predict_quick(image, irange, box, writer, pred_ctx)
@@ -318,3 +333,16 @@ class Segmenter:
         the weights' fingerprint); None loads it from the recorded source (the embedded
         default, or the saved path). A full-mode model carries its own backbone."""
         return saved.load_segmenter(cls, folder, foundation, device)
+
+
+def flat_image_warnings(irange: tuple[float, float], ctx: Any = None) -> list[str]:
+    """A warning (also reported on ``ctx``) when the intensity range is flat: the image is
+    constant, so its voxels cannot be told apart. Empty otherwise."""
+    lo, hi = irange
+    if hi > lo:
+        return []
+    text = (f"the image is constant ({lo:g} everywhere): nothing tells its voxels apart, so "
+            "every voxel gets the same class; check that the right image was opened")
+    if ctx is not None:
+        ctx.report(None, f"warning: {text}")
+    return [text]
