@@ -188,24 +188,13 @@ def _loss_weights(text: str | None) -> dict[str, float]:
     return out
 
 
-def _check_out_folder(args: argparse.Namespace, data: str) -> None:
-    """Before any work: ``--out`` is not an input, and its folder (or the nearest folder
-    above it that exists) can be written to."""
-    from napari_lsmfm.io.output import check_writable
+def _check_out_folder(args: argparse.Namespace, inputs: dict) -> None:
+    """Before any work: ``--out`` is not one of ``inputs``, and its folder (or the nearest
+    folder above it that exists) can be written to. Whether an existing run folder may be
+    reused is pretrain's own rule (--resume / --overwrite)."""
+    from napari_lsmfm.io.output import check_not_inputs, check_writable
 
-    inputs = {"DATA": None if str(data).startswith("synthetic://") else data,
-              "--init": args.init, "--captions": args.captions}
-    # whether an existing run folder may be reused is pretrain's own rule (--resume /
-    # --overwrite); here only what no flag allows: an input as output, a read-only folder
-    out = Path(args.out).expanduser()
-    for what, source in inputs.items():
-        if source is None:
-            continue
-        src = Path(source).expanduser().resolve()
-        dst = out.resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
-            raise ValueError(f"--out {out} overlaps {what} {source}: writing there would "
-                             "destroy an input; choose another output folder")
+    out = check_not_inputs({"--out": args.out}, inputs)["--out"]
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -223,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     data = SYNTHETIC_PREFIX if args.synthetic else args.data
     if data is None:
         raise ValueError("name the DATA folder of volumes, or use --synthetic")
-    _check_out_folder(args, data)
+    real_data = None if str(data).startswith(SYNTHETIC_PREFIX) else data
+    _check_out_folder(args, {"DATA": real_data, "--init": args.init, "--captions": args.captions})
     config = config_from_args(args)
     if args.threads:
         import torch

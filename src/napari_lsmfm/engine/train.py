@@ -57,17 +57,28 @@ class FitReport(Mapping):
                 self.extra[key] = value
         return self
 
+    def _keys(self) -> list[str]:
+        # the fields in order (start_loss only when the starting weights competed), then extra
+        fields = [k for k in _FIELD_ORDER if not (k == "start_loss" and self.start_loss is None)]
+        return fields + [k for k in self.extra if k not in _FIELDS]
+
     def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
+        # one entry, no copy of the history (to_dict copies everything)
+        if key in self.extra and key not in _FIELDS:
+            return self.extra[key]
+        if key in _FIELDS and not (key == "start_loss" and self.start_loss is None):
+            return getattr(self, key)
+        raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(self.to_dict())
+        return len(self._keys())
 
 
-_FIELDS = {"history", "best_loss", "start_loss", "steps_done", "stopped", "seconds"}
+_FIELD_ORDER = ("history", "best_loss", "start_loss", "steps_done", "stopped", "seconds")
+_FIELDS = set(_FIELD_ORDER)
 
 
 def state_copy(module: Any) -> dict:

@@ -48,7 +48,9 @@ __all__ = [
     "ZARR_CHUNKS",
     "Outputs",
     "check_output_path",
+    "check_not_inputs",
     "check_outputs",
+    "check_writable",
     "clear_partial",
     "mark_partial",
     "partial_attrs",
@@ -70,21 +72,15 @@ _ZARR_META = (".zgroup", ".zarray", "zarr.json")
 # ------------------------------------------------------------------ checks before work
 
 
-def check_outputs(
+def check_not_inputs(
     outputs: Mapping[str, str | os.PathLike | None],
     inputs: Mapping[str, str | os.PathLike | None],
-    *,
-    overwrite: bool,
-    folders: Collection[str] = (),
-    resume: bool = False,
-) -> dict[str, Path | None]:
-    """Check every output of a run before any work: ``outputs`` and ``inputs`` map the
-    option names the user typed (``"--out"``, ``"the image"``, ``"--labels"``) to their
-    paths (None: not given). Raises ValueError when an output is, holds or lies inside
-    an input (links and hard links followed, an input inside a Zarr group stands for the
-    whole group), or two outputs overlap, whatever ``overwrite``; then each output as
-    :func:`check_output_path` (names in ``folders`` are folders, not volumes). Returns
-    the outputs as Paths (None stays None)."""
+) -> dict[str, Path]:
+    """Raise ValueError when an output is, holds or lies inside an input (links and hard
+    links followed, an input inside a Zarr group stands for the whole group), or two
+    outputs overlap, whatever ``--overwrite`` says. ``outputs`` and ``inputs`` map the
+    option names the user typed (``"--out"``, ``"the image"``) to their paths (None: not
+    given). Returns the given outputs as Paths."""
     given = {k: Path(v).expanduser() for k, v in outputs.items() if v is not None}
     sources = {k: Path(v).expanduser() for k, v in inputs.items() if v is not None}
     for name, out in given.items():
@@ -103,6 +99,21 @@ def check_outputs(
                     f"{first} and {second} name the same place ({given[first]}, "
                     f"{given[second]}); give each output its own name"
                 )
+    return given
+
+
+def check_outputs(
+    outputs: Mapping[str, str | os.PathLike | None],
+    inputs: Mapping[str, str | os.PathLike | None],
+    *,
+    overwrite: bool,
+    folders: Collection[str] = (),
+    resume: bool = False,
+) -> dict[str, Path | None]:
+    """Check every output of a run before any work: :func:`check_not_inputs`, then each
+    output as :func:`check_output_path` (names in ``folders`` are folders, not volumes).
+    Returns the outputs as Paths (None stays None)."""
+    check_not_inputs(outputs, inputs)
     return {k: check_output_path(v, overwrite, folder=k in folders, resume=resume)
             for k, v in outputs.items()}
 
