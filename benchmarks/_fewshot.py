@@ -48,6 +48,35 @@ def brush(truth: np.ndarray, n_slices: int, seed: int = 0) -> np.ndarray:
     return brushes
 
 
+def brush_lines(truth: np.ndarray, n_slices: int = 2, seed: int = 0, n_lines: int = 8,
+                offset: int = 0) -> np.ndarray:
+    """Strokes as a user paints them (issue 14) on ``n_slices`` evenly spaced z planes
+    (shifted by ``offset`` planes) among those where some object's interior shows: every
+    object's interior eroded by one pixel as class 2, and ``n_lines`` thin straight
+    background lines across the plane (kept where they are farther than 2 pixels from
+    any structure) as class 1."""
+    rng = np.random.default_rng(seed)
+    brushes = np.zeros(truth.shape, np.uint8)
+    shown = [z for z in range(truth.shape[0])
+             if ndi.binary_erosion(truth[z] > 0, iterations=1).any()]
+    pick = np.linspace(0, len(shown) - 1, n_slices + 2)[1:-1].round().astype(int)
+    planes = [shown[int(np.clip(i + offset, 0, len(shown) - 1))] for i in pick]
+    h, w = truth.shape[1:]
+    yy, xx = np.mgrid[:h, :w]
+    for z in planes:
+        fg = truth[z] > 0
+        far = ~ndi.binary_dilation(fg, iterations=2)
+        lines = np.zeros(fg.shape, bool)
+        for _ in range(n_lines):
+            angle = rng.uniform(0, np.pi)
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            dist = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+            lines |= dist < 0.5
+        brushes[z][lines & far] = 1
+        brushes[z][ndi.binary_erosion(fg, iterations=1)] = 2
+    return brushes
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     pred, truth = pred.astype(bool), truth.astype(bool)
     denom = pred.sum() + truth.sum()

@@ -9,3 +9,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("NAPARI_ASYNC", "0")
+# No background load of the default model when a widget opens: tests that need a
+# foundation build one (tests/widgets/test_preload.py turns it back on).
+os.environ.setdefault("LSMFM_NO_PRELOAD", "1")

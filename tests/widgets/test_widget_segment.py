@@ -53,6 +53,7 @@ def test_train_segments_volume_and_keeps_ui_responsive(make_napari_viewer, qtbot
 
     viewer, widget, truth = _setup(make_napari_viewer)
     before = {layer.name: layer.data.copy() for layer in viewer.layers}
+    widget.candidate_combo.setCurrentText("foundation")  # the MLP: a loss curve to check
     widget.steps_spin.setValue(150)
     with TickRecorder() as training:
         widget.train(then_predict=False)
@@ -88,6 +89,7 @@ def _train_then_stop(widget, qtbot, after_steps: int, timeout_ms: int,
     """Start a very long training; once the progress bar has reached ``after_fraction``,
     press Stop when ``after_steps`` more losses are plotted. Returns the seconds from the
     click until the worker has ended."""
+    widget.candidate_combo.setCurrentText("foundation")  # the MLP's loop, not the validation
     widget.steps_spin.setValue(100_000)
     widget.train(then_predict=False)
     bar = widget.progress_bar
@@ -134,3 +136,17 @@ def test_no_strokes_says_what_to_do(make_napari_viewer, qtbot):
     assert "Failed" in widget.status.text()
     assert "nuclei segmentation" not in viewer.layers
     assert widget.train_button.text() == "Train"
+
+
+def test_auto_model_choice_is_reported_and_used(make_napari_viewer, qtbot):
+    """Quick mode's default validates its candidates on held-out strokes and says which
+    one it uses; a diameter typed in the form reaches the fit."""
+    viewer, widget, truth = _setup(make_napari_viewer)
+    assert widget.candidate_combo.currentText() == "auto"
+    widget.steps_spin.setValue(60)
+    widget.diameter_spin.setValue(9.0)
+    widget.train(then_predict=False)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    text = widget.status.text()
+    assert widget.segmenter.trained and widget.segmenter.candidate in text
+    assert "held-out strokes" in text and "about 9 um across (given)" in text

@@ -7,7 +7,7 @@ and a non-zero exit status, never a traceback. One module per task (``segment``,
 Building the parser imports neither torch nor monai: each task imports them when it runs.
 
     lsmfm sample OUTDIR                         # synthetic volumes and ground truth
-    lsmfm info [WEIGHTS]                        # describe foundation weights (JSON)
+    lsmfm info [WEIGHTS] [--check]              # describe foundation weights (JSON)
     lsmfm segment IMAGE --labels BRUSHES --out OUT.tif
     lsmfm deblur IMAGE --out OUT.tif
     lsmfm train-deblur --out MODEL --steps N    # the shipped deblur model, retrained
@@ -42,7 +42,8 @@ def run_info(args: argparse.Namespace) -> int:
     """Run ``lsmfm info``: print the description of foundation weights as one JSON object."""
     from napari_lsmfm.model import inspect_checkpoint
 
-    info = inspect_checkpoint(args.weights, trusted=args.trust, vocab=args.vocab)
+    info = inspect_checkpoint(args.weights, trusted=args.trust, vocab=args.vocab,
+                              check=args.check)
     print(json.dumps(info))
     return 0
 
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust", action="store_true",
         help="allow a checkpoint that needs full unpickling (can run code: trusted files only)",
+    )
+    p.add_argument(
+        "--check", action="store_true",
+        help="also load the weights into the network, proving every tensor fits (slower: "
+        "builds the network); without it the file is described from its config and shapes",
     )
     p.set_defaults(func=run_info)
 

@@ -61,6 +61,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated class values to split into objects (default: all)")
     p.add_argument("--save-model", help="save the trained model to this folder")
     p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--candidate", choices=("auto", "foundation", "filters", "forest"),
+                   default=None,
+                   help="quick mode's model: auto (default: each is validated on held-out "
+                        "strokes and the best is used), foundation (MLP on foundation + "
+                        "filter features), filters (MLP on the classical filters alone) or "
+                        "forest (random forest on the filters)")
+    p.add_argument("--diameter", type=float, default=None,
+                   help="typical object diameter in micrometres (voxels when the image has "
+                        "no voxel size; default: estimated from the foreground strokes); "
+                        "sets the filter scales and the scale the foundation sees the "
+                        "volume at")
     p.add_argument("--quick-weight", type=float, default=None,
                    help="full mode: weight (0-1) of the quick model it started from in the "
                         "prediction; default 0.5, 0 = the finetuned network alone")
@@ -86,8 +97,16 @@ def run(args: argparse.Namespace) -> int:
     if (args.labels is None) == (args.model is None):
         raise ValueError("give either --labels (train on brush strokes) or --model (apply a "
                          "saved model)")
-    if args.model is not None and (args.mode or args.steps):
-        raise ValueError("--mode and --steps belong to training; --model applies a saved model")
+    if args.model is not None and (args.mode or args.steps or args.candidate
+                                   or args.diameter is not None):
+        raise ValueError("--mode, --steps, --candidate and --diameter belong to training; "
+                         "--model applies a saved model")
+    if args.candidate is not None and args.mode == "full":
+        raise ValueError("--candidate belongs to quick mode (full mode finetunes the "
+                         "foundation's MLP)")
+    if args.diameter is not None and not args.diameter > 0:
+        raise ValueError(f"--diameter must be a positive number of micrometres, got "
+                         f"{args.diameter}")
     if args.quick_weight is not None and args.model is None and args.mode != "full":
         raise ValueError("--quick-weight belongs to full mode: add --mode full")
     paths = check_outputs(
@@ -144,11 +163,21 @@ def run(args: argparse.Namespace) -> int:
             overrides["device"] = args.device
         if args.quick_weight is not None:
             overrides["quick_weight"] = args.quick_weight
+        if args.candidate is not None:
+            overrides["candidate"] = args.candidate
+        if args.diameter is not None:
+            overrides["object_diameter"] = args.diameter
         seg = Segmenter(foundation, SegmentConfig(**overrides))
         if show is not None:
             print(f"segment: {sparse.summary()}", file=sys.stderr)
         fit = seg.fit(image, sparse, JobContext(show))
         summary["fit"] = {k: fit[k] for k in ("steps_done", "best_loss", "seconds", "stopped")}
+        # which quick-mode model won, its score on held-out strokes, the object scale
+        summary["fit"].update({k: fit[k] for k in (
+            "candidate", "validation", "validation_metric", "object_diameter_um",
+            "diameter_source", "sigmas", "scale_factor") if k in fit})
+        if fit.get("validation"):
+            summary["fit"]["validation_score"] = fit["validation"][fit["candidate"]]
         warnings += fit.get("warnings", [])
         summary["classes"] = list(seg.classes)
         if model_path is not None:

@@ -61,7 +61,7 @@ TEMP_TAG = ".partial-"  # .NAME.partial-HOST-PID-RANDOM: being built (or, after 
 OLD_TAG = ".old-"  # .NAME.old-HOST-PID-RANDOM: the old folder, moved aside during a swap
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths in one step
 ANOTHER_RUN = ("another run wrote this output while this one worked; this result was not kept "
-               "(choose another name, or pass --overwrite)")
+               "(choose another name and run again)")
 
 
 class StagedOutput:
@@ -340,10 +340,9 @@ def save_task_model(
     folder = Path(folder).expanduser()
     if folder.exists():
         if not overwrite:
-            raise FileExistsError(
-                f"{folder} already exists; choose another name or pass overwrite=True "
-                "(--overwrite on the command line)"
-            )
+            # said in the viewer's Save dialog too: no command-line flag here (the CLI
+            # checks its outputs first, with its own --overwrite advice)
+            raise FileExistsError(f"{folder} already exists; choose another name")
         if not (folder / CONFIG_NAME).is_file():
             raise FileExistsError(
                 f"{folder} exists and is not a saved napari-lsmfm model; it will not be replaced"

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .monai_import import import_monai
+
 ARCHITECTURES = ("swinunetr", "unet")
 
 # Defaults of the published pretraining code when its config leaves a value out.
@@ -38,6 +40,7 @@ HEAD_PREFIXES = {"swinunetr": ("out.",), "unet": ("model.2.",)}
 
 def build_backbone(spec: Any) -> nn.Module:
     """A MONAI SwinUNETR or UNet with one input channel and `spec.embed_dim` outputs."""
+    import_monai()  # without transformers (.monai_import)
     if spec.architecture == "swinunetr":
         from monai.networks.nets import SwinUNETR
 

@@ -26,13 +26,19 @@ from .pickled import (
     file_kind,
     read_torch_checkpoint,
 )
-from .published import ENCODER_PREFIX, TRAINING_ONLY, foundation_from_lightning
+from .published import (
+    ENCODER_PREFIX,
+    TRAINING_ONLY,
+    describe_lightning,
+    foundation_from_lightning,
+)
 from .saved import (
     CONFIG_NAMES,
     FORMAT,
     FORMAT_VERSION,
     VOCAB_NAME,
     WEIGHTS_NAME,
+    describe_folder,
     foundation_from_folder,
     save_foundation,
 )
@@ -54,6 +60,7 @@ __all__ = [
     "inspect_checkpoint",
     "load_encoder_weights",
     "load_foundation",
+    "locate_weights",
     "read_torch_checkpoint",
     "save_foundation",
 ]
@@ -64,6 +71,32 @@ NO_DEFAULT_MESSAGE = (
     "No default foundation model is installed in this napari-lsmfm; name a weights file "
     "(a published lsm_fm .ckpt or a napari-lsmfm .safetensors)"
 )
+
+
+def locate_weights(path: str | Path | None) -> tuple[str, Path, str]:
+    """(kind, path, source) of a weights argument: kind "folder" (our format) or
+    "lightning" (a pickled checkpoint); None is the embedded default. Raises
+    CheckpointError for a missing file or no default."""
+    if path is None:
+        if not (DEFAULT_MODEL_DIR / WEIGHTS_NAME).is_file():
+            raise CheckpointError(NO_DEFAULT_MESSAGE)
+        return "folder", DEFAULT_MODEL_DIR, "default"
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; {EXPECTED_FILES}.")
+    if path.is_dir() or path.suffix.lower() in (".safetensors", ".json", ".yaml", ".yml"):
+        return "folder", path, str(path)
+    if file_kind(path) == "safetensors":
+        return "folder", path, str(path)
+    return "lightning", path, str(path)
+
+
+def _check_vocab(vocab: str | Path | None) -> None:
+    if vocab is not None and not Path(vocab).expanduser().is_file():
+        raise CheckpointError(
+            f"{vocab}: no such vocabulary file; give BERT's vocab.txt (--vocab, Python: "
+            "vocab=...) or leave it out"
+        )
 
 
 def load_foundation(
@@ -85,36 +118,17 @@ def load_foundation(
     refused pickles) with a one-line message, ValueError for an unknown device.
     """
     target = resolve_device(device)  # a wrong device fails before any slow work
-    if vocab is not None and not Path(vocab).expanduser().is_file():
-        raise CheckpointError(
-            f"{vocab}: no such vocabulary file; give BERT's vocab.txt (--vocab, Python: "
-            "vocab=...) or leave it out"
-        )
-    if path is None:
-        if not (DEFAULT_MODEL_DIR / WEIGHTS_NAME).is_file():
-            raise CheckpointError(NO_DEFAULT_MESSAGE)
-        report_progress(progress, 0.0, "reading the default foundation model")
-        foundation = foundation_from_folder(
-            DEFAULT_MODEL_DIR, vocab=vocab, progress=progress, source="default"
-        )
+    _check_vocab(vocab)
+    kind, path, source = locate_weights(path)
+    report_progress(progress, 0.0, "reading the default foundation model" if source == "default"
+                    else f"reading {path.name}")
+    if kind == "folder":
+        foundation = foundation_from_folder(path, vocab=vocab, progress=progress, source=source)
     else:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such file or folder; {EXPECTED_FILES}.")
-        report_progress(progress, 0.0, f"reading {path.name}")
-        if path.is_dir() or path.suffix.lower() in (".safetensors", ".json", ".yaml", ".yml"):
-            foundation = foundation_from_folder(
-                path, vocab=vocab, progress=progress, source=str(path)
-            )
-        elif file_kind(path) == "safetensors":
-            foundation = foundation_from_folder(
-                path, vocab=vocab, progress=progress, source=str(path)
-            )
-        else:
-            ckpt = read_torch_checkpoint(path, trusted=trusted)
-            report_progress(progress, 0.25, "reading hyper_parameters")
-            foundation = foundation_from_lightning(ckpt, path, vocab=vocab, progress=progress)
-            del ckpt
+        ckpt = read_torch_checkpoint(path, trusted=trusted)
+        report_progress(progress, 0.25, "reading hyper_parameters")
+        foundation = foundation_from_lightning(ckpt, path, vocab=vocab, progress=progress)
+        del ckpt
     report_progress(progress, 0.9, f"moving to {target}")
     foundation.eval()  # modules attached after construction (the text tower) too
     foundation.to_device(target)
@@ -123,13 +137,26 @@ def load_foundation(
 
 
 def inspect_checkpoint(
-    path: str | Path | None, *, trusted: bool = False, vocab: str | Path | None = None
+    path: str | Path | None, *, trusted: bool = False, vocab: str | Path | None = None,
+    check: bool = False,
 ) -> dict:
-    """What `lsmfm info` prints, loading on the CPU: architecture, feature_size or channels,
-    parameters, variant, text_tower, source (and embed_dim, proj_dim, format, notes)."""
-    foundation = load_foundation(path, device="cpu", trusted=trusted, vocab=vocab)
-    info = foundation.info()
-    report = foundation.load_report
-    info["format"] = report.format if report is not None else None
-    info["notes"] = list(report.notes) if report is not None else []
-    return info
+    """What `lsmfm info` prints: architecture, feature_size or channels, parameters,
+    variant, text_tower, source (and embed_dim, proj_dim, format, notes), device "cpu".
+
+    Read from the file's config and tensor shapes without building the network, so
+    without importing MONAI (a text tower is built, to check it). ``check=True`` loads
+    the weights into the network as :func:`load_foundation` does, which also proves that
+    every tensor fits (slower: it imports MONAI).
+    """
+    if check:
+        foundation = load_foundation(path, device="cpu", trusted=trusted, vocab=vocab)
+        info = foundation.info()
+        report = foundation.load_report
+        info["format"] = report.format if report is not None else None
+        info["notes"] = list(report.notes) if report is not None else []
+        return info
+    _check_vocab(vocab)
+    kind, path, source = locate_weights(path)
+    if kind == "folder":
+        return describe_folder(path, vocab=vocab, source=source)
+    return describe_lightning(read_torch_checkpoint(path, trusted=trusted), path, vocab=vocab)

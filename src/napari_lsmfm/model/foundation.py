@@ -22,6 +22,7 @@ from torch import nn
 from napari_lsmfm.engine.device import amp_dtype, resolve_device
 
 from . import backbones
+from .describe import no_text_reason, spec_info
 from .text import TextTower
 
 VARIANTS = ("image_text", "image_only")
@@ -275,11 +276,7 @@ class Foundation(nn.Module):
         if text_tower is not None:
             text_unavailable_reason = None
         elif text_unavailable_reason is None:
-            text_unavailable_reason = (
-                "This foundation is image-only: it has no text tower to embed prompts."
-                if spec.variant == "image_only"
-                else "This foundation has no text tower loaded."
-            )
+            text_unavailable_reason = no_text_reason(spec)
         self.text_unavailable_reason = text_unavailable_reason
         self.logit_scale: float | None = None
         self.load_report: Any = None
@@ -450,24 +447,8 @@ class Foundation(nn.Module):
         """What `lsmfm info` prints: architecture, feature_size or channels (and strides,
         num_res_units, norm), embed_dim, proj_dim, parameters (all of them), variant,
         text_tower (bool), text_unavailable_reason, source, device."""
-        spec = self.spec
-        out: dict[str, Any] = {"architecture": spec.architecture}
-        if spec.architecture == "swinunetr":
-            out["feature_size"] = spec.feature_size
-        else:
-            out["channels"] = list(spec.channels)
-            out["strides"] = list(spec.strides)
-            out["num_res_units"] = spec.num_res_units
-            out["norm"] = list(spec.norm) if isinstance(spec.norm, tuple) else spec.norm
-        out.update(
-            embed_dim=spec.embed_dim,
-            proj_dim=spec.proj_dim,
-            parameters=backbones.count_parameters(self),
-            variant=spec.variant,
-            text_tower=self.text_tower is not None,
-            text_tower_kind=self.text_tower.kind if self.text_tower is not None else None,
-            text_unavailable_reason=self.text_unavailable_reason,
-            source=self.source,
-            device=str(self.device),
-        )
-        return out
+        return spec_info(
+            self.spec, parameters=backbones.count_parameters(self), text_tower=self.text_tower,
+            text_unavailable_reason=self.text_unavailable_reason, source=self.source,
+            device=str(self.device))
+

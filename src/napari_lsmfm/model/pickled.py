@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .monai_import import import_monai as _import_monai
 
 EXPECTED_FILES = (
     "expected a published lsm_fm checkpoint ({swinunetr,unet}_{image_text,image_only}_best.ckpt) "
@@ -45,14 +48,38 @@ class UnsafeCheckpointError(CheckpointError):
         )
 
 
-def _safe_globals() -> list:
-    """Harmless types allowed on top of torch's weights-only defaults."""
-    allowed = []
-    with contextlib.suppress(ImportError):
-        from monai.data import MetaTensor
+METATENSOR = "monai.data.meta_tensor.MetaTensor"
 
-        allowed.append(MetaTensor)
+
+def _safe_globals(import_monai: bool = True) -> list:
+    """Harmless types allowed on top of torch's weights-only defaults: MONAI's MetaTensor
+    (imported only when ``import_monai`` or MONAI is loaded already: importing MONAI
+    takes seconds, and most checkpoints hold plain tensors)."""
+    allowed = []
+    if import_monai or "monai" in sys.modules:
+        with contextlib.suppress(ImportError):
+            _import_monai()  # without transformers (.monai_import)
+            from monai.data import MetaTensor
+
+            allowed.append(MetaTensor)
     return allowed
+
+
+def _weights_only_load(path: Path, kind: str) -> Any:
+    """torch.load weights only; MONAI is imported (for its MetaTensor) only when the
+    first try names a MONAI class."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    for import_monai in (False, True):
+        try:
+            with allow(_safe_globals(import_monai)) if allow else contextlib.nullcontext():
+                with warnings.catch_warnings():  # torch's own advice would contradict ours
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.load(path, map_location="cpu", weights_only=True,
+                                      mmap=kind == "zip")
+        except pickle.UnpicklingError as err:
+            if import_monai or "monai" not in str(err) or "monai" in sys.modules:
+                raise
+    raise AssertionError("unreachable")
 
 
 # First bytes of files people mistake for weights (images above all).
@@ -125,7 +152,7 @@ def pickle_globals(path: str | Path, max_bytes: int = 1 << 26) -> list[str]:
 
 
 def _refused_globals(path: Path, err: Exception) -> list[str]:
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
+    allowed = {METATENSOR}
     names: list[str] = []
     getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     if getter is not None:
@@ -168,13 +195,8 @@ def read_torch_checkpoint(path: str | Path, *, trusted: bool = False) -> Any:
             f"{path}: not a PyTorch checkpoint (it looks like {_describe_kind(kind)}); "
             f"{EXPECTED_FILES}."
         )
-    allow = getattr(torch.serialization, "safe_globals", None)
     try:
-        with allow(_safe_globals()) if allow else contextlib.nullcontext():
-            with warnings.catch_warnings():  # torch's own advice would contradict ours
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.load(path, map_location="cpu", weights_only=True,
-                                  mmap=kind == "zip")
+        return _weights_only_load(path, kind)
     except pickle.UnpicklingError as err:
         detail = _weights_only_detail(err)
         if "truncated" in detail or "EOF" in detail:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import backbones
+from .describe import describe_weights
 from .foundation import Foundation, FoundationSpec
 from .pickled import EXPECTED_FILES, CheckpointError
 from .text import TextTower, TextTowerUnavailable, bert_config_from_state
@@ -171,12 +172,11 @@ def _lightning_spec(
     return spec, encoder
 
 
-def foundation_from_lightning(
-    ckpt: Any, path: Path, *, vocab: str | Path | None, progress: Progress | None
-) -> Foundation:
-    """The Foundation (on the CPU) in a published checkpoint ``ckpt`` (what
-    :func:`~napari_lsmfm.model.pickled.read_torch_checkpoint` returned for ``path``), with
-    its ``load_report``. Raises CheckpointError naming what does not fit."""
+def read_lightning(ckpt: Any, path: Path) -> tuple[FoundationSpec, dict, LoadReport]:
+    """The spec of a published checkpoint ``ckpt`` (what
+    :func:`~napari_lsmfm.model.pickled.read_torch_checkpoint` returned for ``path``), its
+    student encoder tensors (prefix removed) and a LoadReport with its notes; no network
+    is built. Raises CheckpointError naming what is wrong."""
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         found = (
             ", ".join(sorted(map(str, ckpt))[:6])
@@ -196,6 +196,63 @@ def foundation_from_lightning(
         )
     report = LoadReport(format="lsm_fm-lightning")
     spec, encoder = _lightning_spec(ckpt, path, report.notes)
+    return spec, encoder, report
+
+
+def lightning_text_tower(
+    spec: FoundationSpec, state: Mapping[str, torch.Tensor], path: Path, *,
+    vocab: str | Path | None, report: LoadReport, progress: Progress | None = None,
+) -> tuple[TextTower | None, str | None]:
+    """The published BERT text tower, built and filled from ``state`` (recorded in
+    ``report``), and why there is none (None when there is one, or for image-only)."""
+    if spec.text is None:
+        if spec.variant != "image_text":
+            return None, None
+        reason = (
+            "The checkpoint has an image projection but no text_encoder.* / text_proj.* weights, "
+            "so prompts cannot be embedded; use the complete published image+text file."
+        )
+        report.notes.append(reason)
+        return None, reason
+    report_progress(progress, 0.75, "building the BERT text tower")
+    try:
+        tower = TextTower.from_config(spec.text, vocab=vocab)
+    except TextTowerUnavailable as err:
+        report.notes.append(str(err))
+        return None, str(err)
+    encoder_state = strip_prefix(state, "text_encoder.")
+    tower_state = {"encoder." + k: v for k, v in encoder_state.items()}
+    tower_state.update({"proj." + k: v for k, v in strip_prefix(state, "text_proj.").items()})
+    # Older transformers saved these index buffers; they are constants.
+    for buffer in ("encoder.embeddings.position_ids", "encoder.embeddings.token_type_ids"):
+        if buffer in tower_state and buffer not in tower.state_dict():
+            del tower_state[buffer]
+            report.ignored.append("text_encoder." + buffer[len("encoder.") :])
+    used, _ = fit_state(
+        tower,
+        tower_state,
+        path=path,
+        what="text_encoder.* / text_proj.*",
+        expected=(
+            f"a BERT of {spec.text['num_hidden_layers']} layers, "
+            f"width {spec.text['hidden_size']}"
+        ),
+    )
+    report.used += [
+        ("text_encoder." + k[8:]) if k.startswith("encoder.") else "text_proj." + k[5:]
+        for k in used
+    ]
+    return tower, None
+
+
+def foundation_from_lightning(
+    ckpt: Any, path: Path, *, vocab: str | Path | None, progress: Progress | None
+) -> Foundation:
+    """The Foundation (on the CPU) in a published checkpoint ``ckpt`` (what
+    :func:`~napari_lsmfm.model.pickled.read_torch_checkpoint` returned for ``path``), with
+    its ``load_report``. Raises CheckpointError naming what does not fit."""
+    spec, encoder, report = read_lightning(ckpt, path)
+    state = ckpt["state_dict"]
 
     report_progress(progress, 0.35, f"building {describe_spec(spec)}")
     foundation = Foundation(spec, source=str(path), build_text=False)
@@ -223,51 +280,28 @@ def foundation_from_lightning(
             expected=f"the lsm_fm image projection ({spec.embed_dim} -> {spec.proj_dim})",
         )
         report.used += ["image_proj." + k for k in used]
-
-    if spec.text is not None:
-        report_progress(progress, 0.75, "building the BERT text tower")
-        try:
-            tower = TextTower.from_config(spec.text, vocab=vocab)
-        except TextTowerUnavailable as err:
-            foundation.text_unavailable_reason = str(err)
-            report.notes.append(str(err))
-        else:
-            encoder_state = strip_prefix(state, "text_encoder.")
-            tower_state = {"encoder." + k: v for k, v in encoder_state.items()}
-            tower_state.update(
-                {"proj." + k: v for k, v in strip_prefix(state, "text_proj.").items()}
-            )
-            # Older transformers saved these index buffers; they are constants.
-            for buffer in ("encoder.embeddings.position_ids", "encoder.embeddings.token_type_ids"):
-                if buffer in tower_state and buffer not in tower.state_dict():
-                    del tower_state[buffer]
-                    report.ignored.append("text_encoder." + buffer[len("encoder.") :])
-            used, _ = fit_state(
-                tower,
-                tower_state,
-                path=path,
-                what="text_encoder.* / text_proj.*",
-                expected=(
-                    f"a BERT of {spec.text['num_hidden_layers']} layers, "
-                    f"width {spec.text['hidden_size']}"
-                ),
-            )
-            report.used += [
-                ("text_encoder." + k[8:]) if k.startswith("encoder.") else "text_proj." + k[5:]
-                for k in used
-            ]
-            foundation.text_tower = tower
-            foundation.text_unavailable_reason = None
-    elif spec.variant == "image_text":
-        foundation.text_unavailable_reason = (
-            "The checkpoint has an image projection but no text_encoder.* / text_proj.* weights, "
-            "so prompts cannot be embedded; use the complete published image+text file."
-        )
-        report.notes.append(foundation.text_unavailable_reason)
-
+    tower, reason = lightning_text_tower(spec, state, path, vocab=vocab, report=report,
+                                         progress=progress)
+    foundation.text_tower = tower
+    if tower is not None or reason is not None:
+        foundation.text_unavailable_reason = reason
     if "logit_scale" in state and state["logit_scale"].numel() == 1:
         foundation.logit_scale = float(state["logit_scale"])
     used_set = set(report.used)
     report.ignored += [k for k in state if k not in used_set and k not in report.ignored]
     foundation.load_report = report
     return foundation
+
+
+def describe_lightning(ckpt: Any, path: Path, *, vocab: str | Path | None) -> dict:
+    """What :meth:`Foundation.info` says of a published checkpoint, read from its
+    hyper_parameters and tensor shapes without building the network (MONAI is not
+    imported); the BERT tower is built (transformers imported) only with a vocabulary.
+    Adds ``format`` and ``notes``."""
+    spec, encoder, report = read_lightning(ckpt, path)
+    state = ckpt["state_dict"]
+    image = dict(encoder)
+    if spec.variant == "image_text":
+        image.update({"image_proj." + k: v for k, v in strip_prefix(state, "image_proj.").items()})
+    tower, reason = lightning_text_tower(spec, state, path, vocab=vocab, report=report)
+    return describe_weights(spec, image, tower, reason, source=str(path), report=report)

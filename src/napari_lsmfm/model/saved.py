@@ -18,6 +18,7 @@ import torch
 from napari_lsmfm.engine.store import atomic_write
 
 from . import backbones
+from .describe import describe_weights
 from .foundation import NORMALIZATION, Foundation, FoundationSpec
 from .pickled import CheckpointError
 from .text import TextTower, TextTowerUnavailable
@@ -96,13 +97,10 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def foundation_from_folder(
-    path: Path, *, vocab: str | Path | None, progress: Progress | None, source: str
-) -> Foundation:
-    """The Foundation (on the CPU) saved in our format at ``path``: the folder, its
-    model.safetensors or its config.json. ``source`` is recorded on it; the text tower is
-    built when its weights are there (else ``text_unavailable_reason`` says why).
-    Raises CheckpointError naming the file and what does not fit."""
+def read_folder(path: Path) -> tuple[Path, Path, dict, FoundationSpec, dict[str, torch.Tensor]]:
+    """(config path, weights path, config, spec, tensors) of our format at ``path``: the
+    folder, its model.safetensors or its config.json; no network is built. Raises
+    CheckpointError naming the file and what is wrong."""
     config_path, weights_path = _our_paths(path)
     config = _read_config(config_path)
     try:
@@ -112,7 +110,6 @@ def foundation_from_folder(
             f"{config_path}: its spec is not usable ({err}); expected the config.json that "
             "save_foundation writes."
         ) from None
-    report_progress(progress, 0.2, f"reading {weights_path.name}")
     try:
         from safetensors.torch import load_file
 
@@ -130,6 +127,73 @@ def foundation_from_folder(
             f"{weights_path}: unexpected tensors {backbones.describe_keys(stray)}; expected only "
             "backbone.*, image_proj.* and text_tower.* keys."
         )
+    if strip_prefix(state, "image_proj.") and spec.variant != "image_text":
+        raise CheckpointError(
+            f"{weights_path}: has image_proj.* tensors but {config_path.name} describes an "
+            "image-only model; the two files do not belong together."
+        )
+    return config_path, weights_path, config, spec, state
+
+
+def folder_text_tower(
+    spec: FoundationSpec, config: dict, state: dict[str, torch.Tensor], *,
+    config_path: Path, weights_path: Path, vocab: str | Path | None, report: LoadReport,
+    progress: Progress | None = None,
+) -> tuple[TextTower | None, str | None]:
+    """The text tower our format describes, built and filled from ``state`` (its tensors
+    recorded in ``report``), and why there is none (None when there is one). Raises
+    CheckpointError when the config and the tensors do not belong together."""
+    tower_state = strip_prefix(state, "text_tower.")
+    if spec.text is None:
+        if tower_state:
+            raise CheckpointError(
+                f"{weights_path}: has text_tower.* tensors but {config_path.name} describes no "
+                "text tower; the two files do not belong together."
+            )
+        if spec.variant == "image_text":
+            return None, (config.get("text_tower_unavailable")
+                          or "This foundation was saved without its text tower.")
+        return None, None
+    if not tower_state:
+        raise CheckpointError(
+            f"{weights_path}: {config_path.name} describes a text tower but there are no "
+            "text_tower.* tensors; the two files do not belong together."
+        )
+    local_vocab = config_path.parent / VOCAB_NAME
+    if vocab is None and local_vocab.is_file():
+        vocab = local_vocab
+    report_progress(progress, 0.7, f"building the {spec.text['kind']} text tower")
+    try:
+        tower = TextTower.from_config(spec.text, vocab=vocab)
+    except TextTowerUnavailable as err:
+        report.notes.append(str(err))
+        report.ignored += ["text_tower." + k for k in tower_state]
+        return None, str(err)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{config_path}: the text tower config is not usable ({err}); expected the "
+            "config.json that save_foundation writes."
+        ) from None
+    used, _ = fit_state(
+        tower,
+        tower_state,
+        path=weights_path,
+        what="text_tower.*",
+        expected=f"the {spec.text['kind']} text tower of {config_path.name}",
+    )
+    report.used += ["text_tower." + k for k in used]
+    return tower, None
+
+
+def foundation_from_folder(
+    path: Path, *, vocab: str | Path | None, progress: Progress | None, source: str
+) -> Foundation:
+    """The Foundation (on the CPU) saved in our format at ``path``: the folder, its
+    model.safetensors or its config.json. ``source`` is recorded on it; the text tower is
+    built when its weights are there (else ``text_unavailable_reason`` says why).
+    Raises CheckpointError naming the file and what does not fit."""
+    report_progress(progress, 0.2, f"reading {Path(path).name}")
+    config_path, weights_path, config, spec, state = read_folder(path)
     report = LoadReport(format="napari-lsmfm")
     report_progress(progress, 0.4, f"building {describe_spec(spec)}")
     foundation = Foundation(spec, source=source, build_text=False)
@@ -142,12 +206,7 @@ def foundation_from_folder(
         expected=what,
     )
     report.used += ["backbone." + k for k in used]
-    if foundation.image_proj is not None or strip_prefix(state, "image_proj."):
-        if foundation.image_proj is None:
-            raise CheckpointError(
-                f"{weights_path}: has image_proj.* tensors but {config_path.name} describes an "
-                "image-only model; the two files do not belong together."
-            )
+    if foundation.image_proj is not None:
         used, _ = fit_state(
             foundation.image_proj,
             strip_prefix(state, "image_proj."),
@@ -156,54 +215,39 @@ def foundation_from_folder(
             expected=f"the image projection of {what}",
         )
         report.used += ["image_proj." + k for k in used]
-
-    tower_state = strip_prefix(state, "text_tower.")
-    if spec.text is not None:
-        if not tower_state:
-            raise CheckpointError(
-                f"{weights_path}: {config_path.name} describes a text tower but there are no "
-                "text_tower.* tensors; the two files do not belong together."
-            )
-        local_vocab = config_path.parent / VOCAB_NAME
-        if vocab is None and local_vocab.is_file():
-            vocab = local_vocab
-        report_progress(progress, 0.7, f"building the {spec.text['kind']} text tower")
-        try:
-            tower = TextTower.from_config(spec.text, vocab=vocab)
-        except TextTowerUnavailable as err:
-            foundation.text_unavailable_reason = str(err)
-            report.notes.append(str(err))
-            report.ignored += ["text_tower." + k for k in tower_state]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"{config_path}: the text tower config is not usable ({err}); expected the "
-                "config.json that save_foundation writes."
-            ) from None
-        else:
-            used, _ = fit_state(
-                tower,
-                tower_state,
-                path=weights_path,
-                what="text_tower.*",
-                expected=f"the {spec.text['kind']} text tower of {config_path.name}",
-            )
-            report.used += ["text_tower." + k for k in used]
-            foundation.text_tower = tower
-            foundation.text_unavailable_reason = None
-    elif tower_state:
-        raise CheckpointError(
-            f"{weights_path}: has text_tower.* tensors but {config_path.name} describes no text "
-            "tower; the two files do not belong together."
-        )
-    elif spec.variant == "image_text":
-        foundation.text_unavailable_reason = (
-            config.get("text_tower_unavailable")
-            or "This foundation was saved without its text tower."
-        )
+    tower, reason = folder_text_tower(
+        spec, config, state, config_path=config_path, weights_path=weights_path, vocab=vocab,
+        report=report, progress=progress)
+    foundation.text_tower = tower
+    if tower is not None or reason is not None:
+        foundation.text_unavailable_reason = reason
     if config.get("logit_scale") is not None:
         foundation.logit_scale = float(config["logit_scale"])
     foundation.load_report = report
     return foundation
+
+
+def describe_folder(path: Path, *, vocab: str | Path | None, source: str) -> dict:
+    """What :meth:`Foundation.info` says of the model saved at ``path`` (our format), read
+    from its config and tensor shapes without building the network (MONAI is not
+    imported); the text tower is built to be checked. Adds ``format`` and ``notes``."""
+    config_path, weights_path, config, spec, state = read_folder(path)
+    report = LoadReport(format="napari-lsmfm")
+    image = {k: v for k, v in state.items() if k.startswith(("backbone.", "image_proj."))}
+    if not strip_prefix(state, "backbone."):
+        raise CheckpointError(
+            f"{weights_path}: has no backbone.* tensors; expected the {WEIGHTS_NAME} that "
+            "save_foundation writes."
+        )
+    if spec.variant == "image_text" and not strip_prefix(state, "image_proj."):
+        raise CheckpointError(
+            f"{weights_path}: {config_path.name} describes an image projection but there are "
+            "no image_proj.* tensors; the two files do not belong together."
+        )
+    tower, reason = folder_text_tower(
+        spec, config, state, config_path=config_path, weights_path=weights_path, vocab=vocab,
+        report=report)
+    return describe_weights(spec, image, tower, reason, source=source, report=report)
 
 
 def save_foundation(

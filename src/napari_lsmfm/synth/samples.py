@@ -59,8 +59,9 @@ def write_samples(
     if not overwrite:
         for path in targets:
             if path.exists():
-                raise FileExistsError(
-                    f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
+                raise FileExistsError(  # `lsmfm sample` is the one caller outside Python
+                    f"{path} already exists; choose another folder, or replace the files "
+                    "(lsmfm sample --overwrite)"
                 )
     outdir.mkdir(parents=True, exist_ok=True)
     record = {}

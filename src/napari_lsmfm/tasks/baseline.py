@@ -5,7 +5,7 @@ per-voxel features from Gaussian, gradient, difference-of-Gaussians and Hessian
 filters at a few scales (anisotropy-aware, :mod:`.filters`), and a scikit-learn random forest
 trained on the annotated voxels. Same brush convention and output as
 :class:`~napari_lsmfm.tasks.segment.Segmenter` (background 0, class values kept), so
-benchmarks compare like with like. Needs scikit-learn (the ``baseline`` extra).
+benchmarks compare like with like. scikit-learn is a core dependency.
 In-memory volumes only: it is a yardstick, not a tool for whole brains.
 """
 

@@ -12,7 +12,8 @@ A task widget is a short form plus its job. :class:`TaskWidget` holds the rest:
   viewer's notifications;
 - "Save model…" / "Load model…" where the task has them (:attr:`model_buttons`);
 - the viewer's one foundation model (:func:`~napari_lsmfm.widgets.state.foundation_slot`):
-  shown in every widget, and a job that loads one shares it with all;
+  shown in every widget, shared by every job; the first widget of a viewer preloads the
+  default one in the background (jobs wait for it; ``LSMFM_NO_PRELOAD=1``: off);
 - cleanup: the job stops when the widget leaves the viewer or is destroyed, and the
   viewer's signals let go of the widget when Qt deletes it.
 """
@@ -22,10 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QFileDialog,
-    QLabel,
     QLayout,
     QProgressBar,
     QPushButton,
@@ -34,6 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_lsmfm.engine.jobs import JobContext, Update
+from napari_lsmfm.widgets.layout import plain_label, scrolled
 from napari_lsmfm.widgets.parts import (
     DeviceCombo,
     LayerCombo,
@@ -42,8 +42,8 @@ from napari_lsmfm.widgets.parts import (
     follow,
     volume_layer,
 )
-from napari_lsmfm.widgets.runner import JobRunner
-from napari_lsmfm.widgets.state import describe_foundation, foundation_slot
+from napari_lsmfm.widgets.runner import JobRunner, UiPost, when_imported
+from napari_lsmfm.widgets.state import default_loader, describe_foundation, foundation_slot
 
 Job = Callable[[JobContext], Any]
 
@@ -71,16 +71,18 @@ class TaskWidget(QWidget):
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.slot = foundation_slot(napari_viewer)
-        self.runner = JobRunner(self)
+        self.slot = slot = foundation_slot(napari_viewer)
+        slot.attach()
+        self.destroyed.connect(lambda *_: slot.detach())  # the closure does not hold self
+        self.runner = JobRunner(self, activity=False)  # the widget shows the progress
         self.layer_queue = LayerQueue()
         self.image_combo = LayerCombo(napari_viewer, "Image") if self.uses_image else None
         self.device_combo = DeviceCombo()
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1000)
         self.loss_plot = LossPlot() if self.loss_curve else None
-        self.status = _plain_label(self.greeting)
-        self.foundation_label = _plain_label() if self.foundation_line else None
+        self.status = plain_label(self.greeting)
+        self.foundation_label = plain_label() if self.foundation_line else None
         if self.foundation_label is not None:
             self.foundation_label.setToolTip(
                 "The viewer's foundation model (Foundation model widget); the tasks use it")
@@ -97,21 +99,20 @@ class TaskWidget(QWidget):
         self.runner.stopped.connect(lambda: self.say(self.stopped_message))
         self.runner.finished.connect(self._on_finished)
         follow(self, self.slot.changed, self.show_foundation)
+        follow(self, self.slot.preload_changed, self.show_preload)
         self.show_foundation(self.slot.foundation)
+        self.preload_foundation()
 
     # ------------------------------------------------------------------ form
     def set_layout(self, *parts: QWidget | QLayout) -> None:
-        """Stack the form's ``parts``, then the progress bar, status and foundation lines."""
+        """Stack the form's ``parts`` in a scroll area (docks stacked on a small screen
+        still fit), then the progress bar, status and foundation lines below it."""
+        scroll = scrolled(*parts)
         layout = QVBoxLayout(self)
-        for part in parts:
-            if isinstance(part, QLayout):
-                layout.addLayout(part)
-            else:
-                layout.addWidget(part)
+        layout.addWidget(scroll, 1)
         for widget in (self.progress_bar, self.status, self.foundation_label):
             if widget is not None:
                 layout.addWidget(widget)
-        layout.addStretch(1)
 
     def run_button(self, text: str, action: Callable[[], Any]) -> QPushButton:
         """A button that runs ``action`` (which starts a job with ``button=`` this one); it
@@ -137,7 +138,9 @@ class TaskWidget(QWidget):
         return self.runner.running or self.layer_queue.pending
 
     def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
-        self.device_combo.list_devices()  # imports torch: when first shown, not at import
+        # listing the GPUs needs torch: imported in the background (seconds, which would
+        # freeze the viewer), then listed on the UI thread
+        when_imported("napari_lsmfm.model", self.device_combo, self.device_combo.list_devices)
         super().showEvent(event)
 
     def image_layer(self) -> Any:
@@ -161,15 +164,15 @@ class TaskWidget(QWidget):
         self.update_buttons()
         return True
 
-    def foundation_for(self, ctx: JobContext, device: str) -> Any:
-        """(In a job.) The viewer's foundation model, else the embedded default, loaded on
-        ``device`` (pass it to :meth:`share_foundation` when the job is done)."""
-        if self.slot.foundation is not None:
-            return self.slot.foundation
-        from napari_lsmfm.model import load_foundation
+    def preload_foundation(self) -> None:
+        """Load the default model in the background (:meth:`FoundationSlot.start_preload`)."""
+        self.slot.start_preload(default_loader(self.device_combo.currentText()), UiPost())
 
-        ctx.report(0.0, "loading the default foundation model")
-        return load_foundation(None, device=device)
+    def foundation_for(self, ctx: JobContext, device: str) -> Any:
+        """(In a job.) The viewer's foundation model, else the default one being preloaded
+        (waited for), else the embedded default loaded on ``device`` now (pass it to
+        :meth:`share_foundation` when the job is done)."""
+        return self.slot.foundation_or_default(ctx, device)
 
     def share_foundation(self, foundation: Any) -> None:
         """Make ``foundation`` the viewer's when it has none yet (every widget shows it)."""
@@ -193,12 +196,22 @@ class TaskWidget(QWidget):
         if update.message:
             self.say(update.message)
 
+    def show_preload(self, text: str) -> None:
+        """News of the default model's preload: ``text`` says why it failed, if it did."""
+        if self.foundation_label is None or self.slot.foundation is not None:
+            return
+        if text and not self.slot.preloading():
+            self.foundation_label.setText(f"Foundation: {text}")
+        else:
+            self.show_foundation(None)
+
     def show_foundation(self, foundation: Any) -> None:
         """The viewer's foundation model changed (loaded here or in another widget)."""
         if self.foundation_label is None:
             return
+        when = "loading in the background…" if self.slot.preloading() else "loaded on first use"
         self.foundation_label.setText(
-            "Foundation: the embedded default (loaded on first use)" if foundation is None
+            f"Foundation: the embedded default ({when})" if foundation is None
             else f"Foundation: {describe_foundation(foundation)}")
 
     def on_failed(self, exc: Exception) -> None:
@@ -274,9 +287,3 @@ class TaskWidget(QWidget):
         self._stopper = None
         self.update_buttons()
 
-
-def _plain_label(text: str = "") -> QLabel:
-    label = QLabel(text)
-    label.setTextFormat(Qt.TextFormat.PlainText)  # names with quotes or "<" show as typed
-    label.setWordWrap(True)
-    return label

@@ -119,8 +119,7 @@ class ClassifyWidget(TaskWidget):
         self.form.addRow("Examples", self.examples_combo)
         self.form.addRow("New examples", row(self.class_edit, add))
         self.form.addRow("Prompts", self.prompts_edit)
-        self.form.addRow("Device", self.device_combo)
-        self.set_layout(self.form, self.run_btn, self.table,
+        self.set_layout(self.form, row(self.run_btn, self.device_combo), self.table,
                         row(export, self.save_button, self.load_button))
         self._show_mode()
         self.update_buttons()

@@ -15,19 +15,12 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QLineEdit,
-    QPushButton,
-    QWidget,
-)
+from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QLineEdit, QPushButton, QWidget
 
 from napari_lsmfm.engine.jobs import JobContext
 from napari_lsmfm.widgets.base import TaskWidget
 from napari_lsmfm.widgets.parts import (
+    Section,
     choice,
     image_data,
     int_spin,
@@ -47,6 +40,8 @@ LOAD_MODEL = "Load model folder…"
 METHODS = {"Deblur model": "model", "Richardson-Lucy": "rl"}
 UNITS = {"voxels": "voxel", "µm": "um"}
 PSF_GAUSSIAN, PSF_FILE = "Gaussian (sigma)", "PSF file (TIFF)"
+NOT_FOUNDATION = ("Foundation: not used here. Deblurring runs its own network (a foundation "
+                  "backbone trained to restore), whatever model the Foundation widget holds.")
 
 
 def deblur_job(image: Any, ctx: JobContext, **options: Any) -> Any:
@@ -69,7 +64,6 @@ class DeblurWidget(TaskWidget):
     """Deblur an image layer with the deblur model or Richardson-Lucy; finetune the model
     on the volume itself."""
 
-    foundation_line = False  # a deblur model carries its own backbone
     model_buttons = ("save",)
     model_name = "deblur"
     greeting = "Choose an image (a 3D stack) and press Deblur."
@@ -85,18 +79,19 @@ class DeblurWidget(TaskWidget):
         self.model_combo = choice([DEFAULT_MODEL, LOAD_MODEL])
         self.model_combo.activated.connect(self._on_model_chosen)
         self._model_choice = DEFAULT_MODEL
-        self.psf_known_box = QCheckBox("PSF known (sigma z, y, x in voxels)")
+        self.psf_known_box = QCheckBox("PSF known")
         self.psf_known_box.setToolTip(
-            "Tell the model the microscope's PSF (Gaussian sigmas in voxels): sharper and "
-            "more faithful when it is right. Unticked, the model estimates the blur itself."
+            "Tell the model the microscope's PSF (Gaussian sigmas z, y, x in voxels): sharper "
+            "and more faithful when it is right. Unticked, the model estimates the blur itself."
         )
         self.model_sigma_spins = sigma_spins((2.0, 1.0, 1.0))
+        for spin in self.model_sigma_spins:
+            spin.setEnabled(False)
+            self.psf_known_box.toggled.connect(spin.setEnabled)
         self.model_box = QWidget()
         model_form = subform(self.model_box)
-        model_form.addRow("Model", self.model_combo)
-        model_form.addRow(self.psf_known_box)
-        model_form.addRow("Sigma z, y, x", row(*self.model_sigma_spins))
-        model_form.addRow("Device", self.device_combo)
+        model_form.addRow("Model", row(self.model_combo, self.device_combo))
+        model_form.addRow("PSF", row(self.psf_known_box, *self.model_sigma_spins))
 
         # Richardson-Lucy
         self.psf_combo = choice([PSF_GAUSSIAN, PSF_FILE], changed=self._show_method)
@@ -122,9 +117,9 @@ class DeblurWidget(TaskWidget):
         self.fit_sigma_spins = sigma_spins((2.0, 1.0, 1.0))
         self.steps_spin = int_spin(1, 100_000, 200)
         self.train_button = self.run_button("Train", self.finetune)
-        self.finetune_box = QGroupBox("Finetune on this volume")
-        fit_form = QFormLayout(self.finetune_box)
-        fit_form.addRow("PSF sigma z, y, x (voxels)", row(*self.fit_sigma_spins))
+        self.finetune_box = Section("Finetune on this volume")
+        fit_form = self.finetune_box.form
+        fit_form.addRow("PSF σ (voxels)", row(*self.fit_sigma_spins))
         fit_form.addRow("Steps", self.steps_spin)
         fit_form.addRow(row(self.train_button, self.save_button))
         fit_form.addRow(self.loss_plot)
@@ -141,6 +136,19 @@ class DeblurWidget(TaskWidget):
                         self.finetune_box)
         self._show_method()
         self.update_buttons()
+
+    def show_foundation(self, *_: Any) -> None:
+        """Deblurring never uses the viewer's foundation model: the line says so."""
+        self.foundation_label.setText(NOT_FOUNDATION)
+        self.foundation_label.setToolTip("The Deblur model and its finetuned copies carry "
+                                         "their own backbone; loading a foundation model "
+                                         "does not change them.")
+
+    show_preload = show_foundation  # nor its preload
+
+    def preload_foundation(self) -> None:
+        """Nothing to preload: a deblur job loads its own model (the foundation's would
+        only compete with it for the CPU)."""
 
     # ------------------------------------------------------------- inputs
     def _show_method(self, *_: Any) -> None:

@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QLineEdit, QPush
 
 from napari_lsmfm.engine.jobs import JobContext, span
 from napari_lsmfm.widgets.base import TaskWidget
-from napari_lsmfm.widgets.parts import row
+from napari_lsmfm.widgets.parts import Section, row
 from napari_lsmfm.widgets.state import foundation_rows
 
 if TYPE_CHECKING:
@@ -29,7 +29,8 @@ class FoundationWidget(TaskWidget):
     uses_image = False
     foundation_line = False  # the status line describes the model in full
     loss_curve = False
-    greeting = "No model loaded."
+    greeting = ("No model loaded yet: the tasks load the embedded default on first use, or "
+                "press Load.")
     failed_prefix = "Not loaded."
     stopped_message = "Loading stopped."
 
@@ -52,10 +53,11 @@ class FoundationWidget(TaskWidget):
 
         form = QFormLayout()
         form.addRow("Weights", row(self.path_edit, browse))
-        form.addRow("Vocabulary", row(self.vocab_edit, browse_vocab))
-        form.addRow("", self.trust_box)
         form.addRow("Device", self.device_combo)
-        self.set_layout(form, row(self.load_button, self.move_button))
+        self.options = Section("Published checkpoints: vocabulary, trust")
+        self.options.form.addRow("Vocabulary", row(self.vocab_edit, browse_vocab))
+        self.options.form.addRow(self.trust_box)
+        self.set_layout(form, self.options, row(self.load_button, self.move_button))
         self.update_buttons()
 
     # --- actions ---------------------------------------------------------
@@ -69,6 +71,11 @@ class FoundationWidget(TaskWidget):
         trusted = self.trust_box.isChecked()
 
         def job(ctx: JobContext) -> Any:
+            if path is None and self.slot.preloading():  # the default, loading already
+                ctx.report(0.0, "waiting for the default model (loading in the background)")
+                preloaded = self.slot.wait_for_preload(ctx.check)
+                if preloaded is not None and not trusted and vocab is None:
+                    return preloaded
             ctx.report(0.0, "reading weights")
             return load_foundation(
                 path, device=device, trusted=trusted, vocab=vocab,
@@ -107,8 +114,9 @@ class FoundationWidget(TaskWidget):
     # --- results ---------------------------------------------------------
     def show_foundation(self, foundation: Any) -> None:
         """Loaded here or by a task widget (the default model): describe it."""
-        if foundation is not None:
-            self.say("\n".join(f"{k}: {v}" for k, v in foundation_rows(foundation)))
+        if foundation is not None:  # two facts a line: the dock stays short
+            rows = [f"{k}: {v}" for k, v in foundation_rows(foundation)]
+            self.say("\n".join("; ".join(rows[i:i + 2]) for i in range(0, len(rows), 2)))
         if hasattr(self, "move_button"):
             self.update_buttons()
 

@@ -1,4 +1,4 @@
-"""Small Qt parts shared by the dock widgets: layer pickers, a loss plot, result layers."""
+"""Qt parts shared by the dock widgets: layer pickers, form pieces, loss plot, result layers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QSizePolicy,
     QSpinBox,
+    QToolButton,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -63,10 +65,12 @@ def image_data(layer: Any) -> Any:
 
 
 class LayerCombo(QComboBox):
-    """A combo box of the viewer's layers of one type, kept in sync with the layer list."""
+    """A combo box of the viewer's layers of one type, kept in sync with the layer list;
+    ``currentTextChanged`` fires whenever the chosen layer changes, by the user or not."""
 
     def __init__(self, viewer: Any, layer_type: str) -> None:
-        super().__init__()
+        super().__init__(minimumContentsLength=8)  # long layer names do not widen the dock
+        self.setSizeAdjustPolicy(self.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.viewer = viewer
         self.layer_type = layer_type  # "Image" or "Labels"
         events = viewer.layers.events
@@ -75,19 +79,22 @@ class LayerCombo(QComboBox):
         self.refresh()
 
     def _names(self) -> list[str]:
-        return [
-            layer.name for layer in self.viewer.layers
-            if layer.__class__.__name__ == self.layer_type
-        ]
+        return [lyr.name for lyr in self.viewer.layers
+                if lyr.__class__.__name__ == self.layer_type]
+
+    def _default(self, names: list[str]) -> int:  # the choice when the current one is gone
+        return 0 if names else -1
 
     def refresh(self, *_: Any) -> None:
         current = self.currentText()
+        names = self._names()
         self.blockSignals(True)
         self.clear()
-        self.addItems(self._names())
-        if current in self._names():
-            self.setCurrentText(current)
+        self.addItems(names)
+        self.setCurrentIndex(names.index(current) if current in names else self._default(names))
         self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentTextChanged.emit(self.currentText())
 
     def showPopup(self) -> None:  # noqa: N802 (Qt API): names may have changed
         self.refresh()
@@ -104,7 +111,7 @@ class LossPlot(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.values: list[float] = []
-        self.setMinimumHeight(90)
+        self.setMinimumHeight(56)  # small: the docks must fit a 1000 px screen
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
 
     def clear(self) -> None:
@@ -150,9 +157,8 @@ def row(*widgets: QWidget) -> QWidget:
 def choice(items: list[str], *, tip: str = "",
            changed: Callable[..., Any] | None = None) -> QComboBox:
     """A combo box of ``items`` with tooltip ``tip``; ``changed(text)`` on a new choice."""
-    combo = QComboBox()
+    combo = QComboBox(toolTip=tip)
     combo.addItems(items)
-    combo.setToolTip(tip)
     if changed is not None:
         combo.currentTextChanged.connect(changed)
     return combo
@@ -160,10 +166,7 @@ def choice(items: list[str], *, tip: str = "",
 
 def int_spin(low: int, high: int, value: int) -> QSpinBox:
     """An integer spin box over [low, high] set to ``value``."""
-    spin = QSpinBox()
-    spin.setRange(low, high)
-    spin.setValue(value)
-    return spin
+    return QSpinBox(minimum=low, maximum=high, value=value)
 
 
 def subform(box: QWidget) -> QFormLayout:
@@ -174,21 +177,43 @@ def subform(box: QWidget) -> QFormLayout:
 
 
 def sigma_spins(values: tuple[float, float, float]) -> list[QDoubleSpinBox]:
-    """Three spin boxes for Gaussian PSF sigmas (z, y, x), 0.1-100."""
+    """Three narrow spin boxes (type or scroll) for Gaussian PSF sigmas (z, y, x), 0.1-100."""
     spins = []
     for axis, value in zip("zyx", values, strict=True):
-        spin = QDoubleSpinBox()
-        spin.setRange(0.1, 100.0)
-        spin.setSingleStep(0.1)
-        spin.setDecimals(2)
+        spin = QDoubleSpinBox(minimum=0.1, maximum=100.0, singleStep=0.1, decimals=2,
+                              buttonSymbols=QDoubleSpinBox.ButtonSymbols.NoButtons,
+                              styleSheet="min-width: 48px")  # napari: 90 px
         spin.setValue(value)
         spin.setToolTip(f"Gaussian PSF sigma along {axis}")
         spins.append(spin)
     return spins
 
 
+class Section(QWidget):
+    """A titled part of a form that folds away behind an arrow; ``form`` holds its rows."""
+
+    def __init__(self, title: str, *, expanded: bool = False) -> None:
+        super().__init__()
+        self.toggle = QToolButton(text=title, checkable=True, checked=expanded)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.toggle.setAutoRaise(True)
+        self.toggle.toggled.connect(self.expand)
+        self.body = QWidget()
+        self.form = subform(self.body)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.toggle)
+        layout.addWidget(self.body)
+        self.expand(expanded)
+
+    def expand(self, shown: bool) -> None:
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+        self.body.setVisible(shown)
+
+
 def put_result_layer(viewer: Any, name: str, data: Any, kind: str, **kwargs: Any) -> Any:
-    """Add a result layer, or update the one this plugin made before under ``name``.
+    """Add a result layer, or update in place the one this plugin made before under
+    ``name`` (its data, scale and translation: a region's result may differ in shape).
 
     A layer of that name that the user made (or another plugin) is never touched: the
     result goes to a new name ``name [2]``, ``name [3]``...
@@ -197,17 +222,16 @@ def put_result_layer(viewer: Any, name: str, data: Any, kind: str, **kwargs: Any
     while candidate in viewer.layers:
         layer = viewer.layers[candidate]
         meta = getattr(layer, "metadata", {}) or {}
-        if meta.get(PLUGIN_KEY) == name and layer.__class__.__name__.lower() == kind:
-            if layer.data.shape == np.shape(data):
-                layer.data = data
-                for key in ("scale", "translate"):
-                    if key in kwargs:
-                        setattr(layer, key, kwargs[key])
-                return layer
+        if (meta.get(PLUGIN_KEY) == name and layer.__class__.__name__.lower() == kind
+                and layer.data.ndim == np.ndim(data)):
+            layer.data = data
+            for key in ("scale", "translate"):
+                if key in kwargs:
+                    setattr(layer, key, kwargs[key])
+            return layer
         n += 1
         candidate = f"{name} [{n}]"
-    metadata = dict(kwargs.pop("metadata", {}))
-    metadata[PLUGIN_KEY] = name
+    metadata = {**kwargs.pop("metadata", {}), PLUGIN_KEY: name}
     adder = {"labels": viewer.add_labels, "image": viewer.add_image}[kind]
     return adder(data, name=candidate, metadata=metadata, **kwargs)
 
@@ -247,11 +271,8 @@ class LayerQueue:
             QTimer.singleShot(0, self._next)
 
     def _next(self) -> None:
-        if not self._todo:
-            return
-        thunk = self._todo[0]
         try:
-            thunk()
+            self._todo[0]()
         finally:
             self._todo.pop(0)
             if self._todo:
@@ -265,7 +286,7 @@ class DeviceCombo(QComboBox):
     def __init__(self) -> None:
         super().__init__()
         self.addItems(["auto", "cpu"])
-        self._listed = False
+        self._listed = False  # GPUs not listed yet
 
     def list_devices(self) -> None:
         if self._listed:

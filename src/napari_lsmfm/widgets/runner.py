@@ -2,25 +2,107 @@
 
 The job runs in napari's thread pool (``napari.qt.threading.create_worker``); it
 talks to the UI only through a queue of :class:`~napari_lsmfm.engine.jobs.Update`
-records, drained by a timer on the UI thread. Progress shows in the widget and in
-napari's activity dock (``napari.utils.progress``); errors become viewer
-notifications; the job is cancelled when its widget leaves the viewer or is
-destroyed (window closed).
+records, drained by a timer on the UI thread. Progress shows in the widget, or, for a
+job without one (a menu command), in napari's activity dock (``napari.utils.progress``,
+whose spinner repaints the window ~30 times a second: a dock widget's job does without
+it, see :data:`POLL_MS`); errors become viewer notifications; the job is cancelled
+when its widget leaves the viewer or is destroyed (window closed). :class:`UiPost` and
+:func:`in_background` run small things off the UI thread (imports, the model preload)
+and hand their result back to it.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
-from qtpy.QtCore import QEvent, QObject, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal, Slot
 from qtpy.QtWidgets import QWidget
 
 from napari_lsmfm.engine.jobs import Cancelled, JobContext, QueueContext, Update
 
-POLL_MS = 50
+# How often the job's progress reaches the screen. Each repaint of napari's window runs
+# inside its Python event handler, so it holds the GIL (about 20 ms each under Xvfb's
+# software OpenGL): at 20 repaints a second the job thread, whose every small torch op
+# lets go of the GIL and waits to get it back, trained 3-5x slower than in the CLI.
+POLL_MS = 200
+
+
+class UiPost(QObject):
+    """``post(fn)`` from any thread runs ``fn()`` on the thread this object was made in
+    (the UI thread), at its next event-loop turn; the object stays alive until then."""
+
+    posted = Signal(object)
+    _alive: ClassVar[set[UiPost]] = set()  # objects with posts not run yet
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = 0
+        self.posted.connect(self._run)
+
+    def __call__(self, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            self._pending += 1
+            UiPost._alive.add(self)
+        self.posted.emit(fn)
+
+    @Slot(object)
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    UiPost._alive.discard(self)
+
+
+def imported(name: str) -> bool:
+    """Module ``name`` is imported and done initialising (importing it costs nothing
+    now, and does not wait for another thread that is importing it)."""
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    return module is not None and not getattr(spec, "_initializing", False)
+
+
+def in_background(work: Callable[[], Any], then: Callable[[Any], Any]) -> threading.Thread:
+    """Run ``work()`` in a daemon thread (e.g. a slow import), then ``then(result)`` on the
+    UI thread; a failure of ``work`` is passed to ``then`` as the exception."""
+    post = UiPost()
+
+    def run() -> None:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - handed to `then`, which decides
+            result = exc
+        post(lambda: then(result))
+
+    thread = threading.Thread(target=run, name="lsmfm-background", daemon=True)
+    thread.start()
+    return thread
+
+
+def when_imported(module: str, owner: QObject, fn: Callable[[], Any]) -> None:
+    """``fn()`` now if ``module`` is imported, else once a background thread has imported
+    it (on the UI thread; not at all if Qt deleted ``owner`` meanwhile)."""
+    if imported(module):
+        fn()
+        return
+    in_background(lambda: importlib.import_module(module), lambda _: if_alive(owner, fn))
+
+
+def if_alive(owner: QObject, fn: Callable[[], Any]) -> None:
+    """``fn()`` unless Qt deleted ``owner`` (its window closed)."""
+    try:
+        owner.objectName()
+    except RuntimeError:  # wrapped C/C++ object has been deleted
+        return
+    fn()
 
 
 class JobRunner(QObject):
@@ -36,8 +118,9 @@ class JobRunner(QObject):
     stopped = Signal()
     finished = Signal()
 
-    def __init__(self, owner: QWidget) -> None:
+    def __init__(self, owner: QWidget, *, activity: bool = True) -> None:
         super().__init__(owner)
+        self.activity = activity  # show the job in napari's activity dock
         # A list, so the destroyed-callback can reach the live context without `self`.
         self._ctx_box: list[QueueContext | None] = [None]
         self._worker: Any = None
@@ -95,7 +178,7 @@ class JobRunner(QObject):
         worker.errored.connect(self._later(self._on_errored))
         worker.finished.connect(self._later(self._on_finished))
         self._worker = worker
-        self._pbar = progress(total=1000, desc=description)
+        self._pbar = progress(total=1000, desc=description) if self.activity else None
         self._timer.start()
         worker.start()
 
@@ -140,8 +223,10 @@ class JobRunner(QObject):
             return
         self._showing = True
         try:
-            for update in self._ctx.drain():
-                self._show(update)
+            updates = self._ctx.drain()
+            if updates:  # napari's bar once per poll (it processes events); widgets see all
+                self._show(_latest(updates))
+            for update in updates:
                 self.updated.emit(update)
         finally:
             self._showing = False
@@ -180,6 +265,13 @@ class JobRunner(QObject):
         self._active = False
         _resume_gc()
         self.finished.emit()
+
+
+def _latest(updates: list[Update]) -> Update:
+    """One record for a batch: the last fraction and the last message of ``updates``."""
+    fraction = next((u.fraction for u in reversed(updates) if u.fraction is not None), None)
+    message = next((u.message for u in reversed(updates) if u.message), "")
+    return Update(fraction, message, dict(updates[-1].values))
 
 
 _GC_PAUSES = [0]

@@ -8,24 +8,31 @@ the layers :meth:`SegmentationResult.layers` names, never over the user's own la
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QPushButton, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QLabel, QPushButton, QWidget
 
 from napari_lsmfm.engine.jobs import JobContext
 from napari_lsmfm.widgets.base import TaskWidget
+from napari_lsmfm.widgets.brushes import BRUSH_ROLE, BrushCombo, check_brush_layer, keep_selected
 from napari_lsmfm.widgets.parts import (
     PLUGIN_KEY,
-    LayerCombo,
     choice,
     follow,
     image_data,
     int_spin,
     put_layer,
     row,
+)
+from napari_lsmfm.widgets.segment_form import (
+    CANDIDATE_TIP,
+    diameter_spin,
+    fit_summary,
+    training_message,
 )
 
 if TYPE_CHECKING:
@@ -48,30 +55,36 @@ class SegmentWidget(TaskWidget):
         self.segmenter: Any = None
         self._segmenter_key: tuple | None = None  # the form values it was built with
 
-        self.brush_combo = LayerCombo(napari_viewer, "Labels")
+        self.brush_combo = BrushCombo(napari_viewer, "none yet")
         self.new_brush_button = QPushButton("New brush layer")
         self.new_brush_button.clicked.connect(self.add_brush_layer)
-        self.mode_combo = choice(["quick", "full"], tip=(
+        self.mode_combo = choice(["quick", "full"], changed=self._show_mode, tip=(
             "quick: frozen foundation features + a small head (seconds on a CPU)\n"
             "full: start from the quick model, then finetune decoder and encoder "
             "(GPU recommended)"))
         self.steps_spin = int_spin(10, 100_000, 300)
-        self.live_box = QCheckBox("Live: retrain when strokes change (quick mode)")
-        self.view_box = QCheckBox("Predict only around the current slice")
-        self.instances_box = QCheckBox("Split objects into instances")
+        self.steps_spin.setToolTip("training steps")
+        self.candidate_combo = choice(["auto", "foundation", "filters", "forest"],
+                                      tip=CANDIDATE_TIP)
+        self.diameter_spin = diameter_spin()
+        self.live_box = QCheckBox("Live", toolTip="retrain when the strokes change (quick)")
+        self.view_box = QCheckBox("Near this slice", toolTip=(
+            f"predict only {VIEW_MARGIN} planes either side of the current slice"))
+        self.instances_box = QCheckBox("Instances", toolTip="split objects into instances")
         self.train_button = self.run_button("Train", lambda: self.train(then_predict=True))
         self.predict_button = self.run_button("Predict", self.predict)
         self.idle_only(self.new_brush_button)
 
-        form = QFormLayout()
-        form.addRow("Image", self.image_combo)
-        form.addRow("Brushes", row(self.brush_combo, self.new_brush_button))
-        form.addRow("Mode", self.mode_combo)
-        form.addRow("Steps", self.steps_spin)
-        form.addRow("Device", self.device_combo)
-        self.set_layout(form, self.live_box, self.view_box, self.instances_box,
-                        row(self.train_button, self.predict_button),
-                        row(self.save_button, self.load_button), self.loss_plot)
+        self.form = QFormLayout()
+        self.form.addRow("Image", self.image_combo)
+        self.form.addRow("Brushes", row(self.brush_combo, self.new_brush_button))
+        self.form.addRow("Mode", row(self.mode_combo, QLabel("steps"), self.steps_spin))
+        self.form.addRow("Model", row(self.candidate_combo, QLabel("diameter"),
+                                      self.diameter_spin))
+        self.form.addRow("Device", self.device_combo)  # full mode only: quick runs on CPU
+        self.set_layout(self.form, row(self.live_box, self.view_box, self.instances_box),
+                        row(self.train_button, self.predict_button, self.save_button,
+                            self.load_button), self.loss_plot)
 
         self._live_timer = QTimer(self)
         self._live_timer.setSingleShot(True)
@@ -80,6 +93,7 @@ class SegmentWidget(TaskWidget):
         self._unwatch: Any = None
         self.brush_combo.currentTextChanged.connect(self._watch_brushes)
         self._watch_brushes()
+        self._show_mode()
         self.update_buttons()
 
     # ------------------------------------------------------------- inputs
@@ -95,8 +109,9 @@ class SegmentWidget(TaskWidget):
             n += 1
             name = f"{image.name} brushes [{n}]"
         layer = self.viewer.add_labels(
-            np.zeros(image.data.shape[-3:], np.uint8), name=name,
+            np.zeros(image_data(image).shape[-3:], np.uint8), name=name,
             scale=image.scale[-3:], translate=image.translate[-3:],
+            metadata={BRUSH_ROLE: "brushes"},
         )
         layer.mode = "paint"
         layer.selected_label = 2
@@ -106,10 +121,18 @@ class SegmentWidget(TaskWidget):
         self.say("Brush 1 = background, 2, 3, … = structures, on two or three slices.")
         return layer
 
+    def _show_mode(self, *_: Any) -> None:
+        full = self.mode_combo.currentText() == "full"
+        self.device_combo.setVisible(full)
+        self.form.labelForField(self.device_combo).setVisible(full)
+
     def _settings(self, image_layer: Any) -> dict:
         """The Segmenter's settings from the form (read on the UI thread)."""
         mode = self.mode_combo.currentText()
+        diameter = float(self.diameter_spin.value())
         return {"mode": mode, "steps": int(self.steps_spin.value()),
+                "candidate": self.candidate_combo.currentText(),
+                "object_diameter": diameter if diameter > 0 else None,
                 "voxel_size": tuple(float(s) for s in image_layer.scale[-3:]),
                 "device": None if mode == "quick" else self.device_combo.currentText()}
 
@@ -127,11 +150,10 @@ class SegmentWidget(TaskWidget):
     # ------------------------------------------------------------ actions
     def train(self, *, then_predict: bool = False, live: bool = False) -> None:
         """Start training on the current strokes (what the Train button does)."""
-        try:
+        try:  # checked here, in a few ms, before a model loads or anything slow starts
             image_layer = self.image_layer()
             brush_layer = self.brush_combo.layer()
-            if brush_layer is None:
-                raise ValueError("choose or add a brush (Labels) layer and paint a few strokes")
+            check_brush_layer(brush_layer, image_data(image_layer).shape)
         except ValueError as exc:
             self.say(str(exc), error=True)
             return
@@ -141,9 +163,12 @@ class SegmentWidget(TaskWidget):
         instances = self.instances_box.isChecked()
 
         def job(ctx: JobContext) -> Any:
+            from napari_lsmfm.tasks.segment.labels import SparseLabels
+
+            strokes = SparseLabels.from_array(brushes, data.shape)  # fails fast, no model yet
             foundation = self.foundation_for(ctx, device)
             segmenter = self._segmenter_for(image_layer, foundation, settings)
-            fit = segmenter.fit(data, brushes, ctx=ctx)
+            fit = segmenter.fit(data, strokes, ctx=ctx)
             result = None
             if then_predict:
                 result = segmenter.predict(data, ctx=ctx, region=region, instances=instances)
@@ -151,8 +176,8 @@ class SegmentWidget(TaskWidget):
 
         self.loss_plot.clear()
         self.start_job(job, "Training segmentation", lambda out: self._on_trained(
-            image_layer, *out), button=self.train_button,
-            message="Training… (live)" if live else "Training…")
+            image_layer, *out, brushes=brush_layer), button=self.train_button,
+            message="Training… (live)" if live else training_message(settings, self.device_combo))
 
     def predict(self) -> None:
         """Segment the image with the trained model (what the Predict button does)."""
@@ -172,7 +197,8 @@ class SegmentWidget(TaskWidget):
             return segmenter.predict(data, ctx=ctx, region=region, instances=instances)
 
         self.start_job(job, "Segmenting", lambda result: self._on_trained(
-            image_layer, None, None, result), button=self.predict_button,
+            image_layer, None, None, result, brushes=self.brush_combo.layer()),
+            button=self.predict_button,
             message="Predicting…")
 
     def _view_region(self, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
@@ -199,6 +225,7 @@ class SegmentWidget(TaskWidget):
         def done(segmenter: Any) -> None:
             self.segmenter = segmenter
             self._segmenter_key = None
+            self.share_foundation(segmenter.foundation)  # every widget shows it loaded
             self.mode_combo.setCurrentText(segmenter.config.mode)
             self.say(f"Loaded a {segmenter.config.mode} model for classes "
                      f"{list(segmenter.classes)}. Press Predict.")
@@ -213,6 +240,8 @@ class SegmentWidget(TaskWidget):
         layer = self.brush_combo.layer()
         if layer is not None:
             self._unwatch = follow(self, layer.events.paint, self._on_paint)
+        # no brush layer to offer: the button to make one stands out
+        self.new_brush_button.setStyleSheet("" if layer else "font-weight: bold")
 
     def _on_paint(self, *_: Any) -> None:
         if self.live_box.isChecked() and self.mode_combo.currentText() == "quick":
@@ -226,43 +255,42 @@ class SegmentWidget(TaskWidget):
         self.train(then_predict=True, live=True)
 
     # ------------------------------------------------------------ results
-    def _on_trained(self, image: Any, foundation: Any, fit: Any, result: Any) -> None:
+    def _on_trained(self, image: Any, foundation: Any, fit: Any, result: Any, *,
+                    brushes: Any = None) -> None:
         self.share_foundation(foundation)
-        parts = []
-        if fit is not None:
-            state = "stopped early, best model kept" if fit.get("stopped") else "trained"
-            parts.append(
-                f"{state}: {fit['steps_done']} steps in {fit['seconds']:.1f} s, "
-                f"best loss {fit['best_loss']:.4g}, classes {fit['classes']}"
-            )
+        parts = [] if fit is None else [fit_summary(fit)]
         if result is not None:
             self.show_result(image, result)
             parts.append(f"segmented in {result.stats.get('predict_seconds', 0):.1f} s")
+        # napari selects each layer it adds: the brushes come back once all are in
+        self.layer_queue.add(lambda: keep_selected(self.viewer, brushes))
         self.say("; ".join(parts) or "done")
 
     def show_result(self, image: Any, result: Any) -> None:
-        """Put ``result`` (of ``image``) in the viewer: the segmentation now (a region's
-        result into the full-volume layer, in place), the hidden extra layers one per
-        event-loop turn."""
-        (classes, kwargs, _), *extra = result.layers(
-            image.name, scale=image.scale[-3:], translate=image.translate[-3:])
-        name = kwargs["name"]
-        if result.region is not None and self._full_layer(name, image_data(image).shape[-3:]):
-            layer = self.viewer.layers[name]
-            layer.data[result.region] = classes
-            layer.refresh()
-        else:
-            put_layer(self.viewer, (classes, kwargs, "labels"))
-        for layer_data in extra:
-            self.layer_queue.add(lambda d=layer_data: put_layer(self.viewer, d))
+        """Put ``result`` (of ``image``) in the viewer, updating this widget's layers of
+        the image in place (a region's result into the full-volume layers): the
+        segmentation now, the hidden extra layers one per event-loop turn."""
+        shape = tuple(image_data(image).shape[-3:])
+        layers = result.layers(image.name, scale=image.scale[-3:],
+                               translate=image.translate[-3:])
+        first, *extra = [partial(self._put, d, result.region, shape) for d in layers]
+        first()
+        for place in extra:
+            self.layer_queue.add(place)
         if result.uncertainty is not None:
             z = result.suggest_slices(axis=0, n=1)[0]
             if result.region is not None:
                 z += result.region[0].start
             self.status.setToolTip(f"Most uncertain slice: z = {z}; a stroke there helps most.")
 
-    def _full_layer(self, name: str, shape: tuple[int, ...]) -> bool:
-        if name not in self.viewer.layers:
-            return False
-        layer = self.viewer.layers[name]
-        return layer.metadata.get(PLUGIN_KEY) == name and tuple(layer.data.shape) == tuple(shape)
+    def _put(self, layer_data: tuple, region: Any, shape: tuple[int, ...]) -> None:
+        data, kwargs, _ = layer_data
+        name = kwargs["name"]
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if (region is not None and layer is not None and layer.metadata.get(PLUGIN_KEY) == name
+                and tuple(layer.data.shape) == shape):
+            layer.data[region] = data
+            layer.refresh()
+        else:
+            put_layer(self.viewer, layer_data)
+

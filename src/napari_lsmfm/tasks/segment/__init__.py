@@ -12,7 +12,11 @@ Two modes, one :class:`Segmenter`:
   anisotropic axes are respected), are computed once per volume with the tiled
   engine and cached as float16 (:mod:`.features`). A per-voxel MLP is trained on the
   brushed voxels only (:mod:`.quick`), which takes seconds, so it can be retrained
-  live as strokes come in.
+  live as strokes come in. The filter scales follow the objects' size (estimated from
+  the strokes, or ``object_diameter``), and the foundation sees large objects shrunk to
+  its pretraining size (:mod:`.scale`). A fit validates three candidates on held-out
+  strokes (MLP on foundation + filters, MLP on filters alone, random forest on filters)
+  and uses the best (:mod:`.candidates`; ``candidate`` forces one).
 - full: starts where quick mode ends and finetunes a copy of the backbone on patches
   around the strokes (:mod:`.full`); predictions mix it with the quick model.
 
@@ -24,7 +28,8 @@ uint8 scaled to 255), an uncertainty map (normalised entropy in [0, 1]: where an
 stroke would help most) and, on request, instance labels for blob-like classes.
 
 The package: :mod:`.labels` (brush strokes), :mod:`.config` (settings),
-:mod:`.features`, :mod:`.quick`, :mod:`.full`, :mod:`.result`, :mod:`.segmenter`
+:mod:`.features`, :mod:`.scale`, :mod:`.quick`, :mod:`.candidates`, :mod:`.full`,
+:mod:`.result`, :mod:`.segmenter`
 (the class), :mod:`.saved` (on disk), :mod:`.api` (``segment()``).
 """
 

@@ -9,10 +9,12 @@ from napari_lsmfm.engine.grid import as_triple, check_tile
 from napari_lsmfm.engine.tiled import DEFAULT_TILE
 from napari_lsmfm.tasks.base import TaskConfig
 
-__all__ = ["AUGMENTS", "MODES", "SegmentConfig"]
+__all__ = ["AUGMENTS", "CANDIDATE_CHOICES", "MODES", "REFINE_CHOICES", "SegmentConfig"]
 
 MODES = ("quick", "full")
+CANDIDATE_CHOICES = ("auto", "foundation", "filters", "forest")
 AUGMENTS = ("geometric", "all", "none")
+REFINE_CHOICES = ("auto", "none")
 
 
 @dataclass
@@ -28,7 +30,25 @@ class SegmentConfig(TaskConfig):
     feature_blend: how quick-mode feature windows are stitched ("gaussian" or "crop").
     feature_levels: which ``Foundation.features`` levels the quick mode uses (0 = the
         dense output; coarser levels are upsampled trilinearly).
-    sigmas: classical filter scales in voxels along x (z scaled by the voxel size).
+    sigmas: classical filter scales in voxels along x (z scaled by the voxel size); None
+        (default) = from the object scale: 1, 2, 4, ... up to about a third of the
+        objects' diameter (:mod:`.scale`).
+    object_diameter: the objects' typical diameter in micrometres (voxels when
+        ``voxel_size`` is None); None = estimated from the foreground strokes.
+    rescale: quick mode runs the foundation at the scale it was pretrained on (windows
+        resampled so objects are its training size, features resampled back) when the
+        objects are more than sqrt(2) times larger or smaller; False = never.
+    candidate: the quick-mode model: "auto" (validate "foundation", "filters" and
+        "forest" on held-out strokes and use the best, :mod:`.candidates`),
+        "foundation" (MLP on foundation + filter features), "filters" (MLP on the
+        filters alone) or "forest" (random forest on the filters).
+    forest_trees: trees of the "forest" candidate.
+    refine: quick mode: "auto" corrects the MLP head's probabilities from the strokes'
+        class mix (interiors painted densely, background in thin lines) to the volume's,
+        estimated from the head's own probabilities on the volume (:mod:`.refine`): object
+        borders move in to where they belong and spurious blobs go; the shift never
+        turns more than 2 % of any class's strokes, and the forest candidate is then
+        chosen only when it validates clearly (0.02) better. "none": as trained.
     voxel_size: (z, y, x) micrometres, for the anisotropy of filters, augmentations and
         instance splitting; None = isotropic.
     hidden / dropout / weight_decay: width of the head, dropout on its inputs (quick
@@ -71,7 +91,12 @@ class SegmentConfig(TaskConfig):
     overlap: float = 0.25
     feature_blend: str = "gaussian"
     feature_levels: tuple[int, ...] = (0,)
-    sigmas: tuple[float, ...] = (1.0, 2.0, 4.0)
+    sigmas: tuple[float, ...] | None = None
+    object_diameter: float | None = None
+    rescale: bool = True
+    candidate: str = "auto"
+    forest_trees: int = 40
+    refine: str = "auto"
     voxel_size: tuple[float, float, float] | None = None
     hidden: int = 32
     dropout: float = 0.0
@@ -99,7 +124,22 @@ class SegmentConfig(TaskConfig):
         self.patch_size = as_triple(self.patch_size, "patch_size", positive=True)
         self.tile = check_tile(self.tile, "tile", DEFAULT_TILE)
         self.feature_levels = tuple(int(v) for v in self.feature_levels)
-        self.sigmas = tuple(float(s) for s in self.sigmas)
+        if self.sigmas is not None:
+            self.sigmas = tuple(float(s) for s in self.sigmas)
+            if not self.sigmas or min(self.sigmas) <= 0:
+                raise ValueError(f"sigmas must be positive numbers, got {self.sigmas}")
+        if self.object_diameter is not None:
+            self.object_diameter = float(self.object_diameter)
+            if not self.object_diameter > 0:
+                raise ValueError(
+                    f"object_diameter must be positive, got {self.object_diameter}")
+        if self.candidate not in CANDIDATE_CHOICES:
+            raise ValueError(
+                f"candidate must be one of {CANDIDATE_CHOICES}, got {self.candidate!r}")
+        if self.refine not in REFINE_CHOICES:
+            raise ValueError(f"refine must be one of {REFINE_CHOICES}, got {self.refine!r}")
+        if int(self.forest_trees) < 1:
+            raise ValueError(f"forest_trees must be at least 1, got {self.forest_trees}")
         if self.voxel_size is not None:
             self.voxel_size = tuple(float(v) for v in self.voxel_size)  # type: ignore[assignment]
             if len(self.voxel_size) != 3 or min(self.voxel_size) <= 0:
@@ -128,10 +168,12 @@ class SegmentConfig(TaskConfig):
 
     def quick_start(self) -> SegmentConfig:
         """The settings of the quick fit a full-mode fit starts from (the mode's defaults,
-        the dense features only, no warm start)."""
+        the dense features only, the foundation candidate at the volume's own scale, no
+        warm start)."""
         return SegmentConfig.from_dict({
             **self.to_dict(), "mode": "quick", "steps": None, "lr": None, "batch_size": None,
-            "feature_levels": [0], "warm_start": False,
+            "feature_levels": [0], "warm_start": False, "candidate": "foundation",
+            "rescale": False, "refine": "none",
         })
 
     @property

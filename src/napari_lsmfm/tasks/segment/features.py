@@ -22,31 +22,52 @@ from napari_lsmfm.engine.tiled import predict_points, predict_tiled
 from napari_lsmfm.model.foundation import normalize_window
 from napari_lsmfm.tasks.filters import filter_bank, n_channels
 
-__all__ = ["FeatureCache", "QuickFeatures", "image_key", "point_features", "volume_features"]
+__all__ = ["DEFAULT_SIGMAS", "FeatureCache", "QuickFeatures", "image_key", "point_features",
+           "volume_features"]
+
+DEFAULT_SIGMAS = (1.0, 2.0, 4.0)  # before a fit has measured the objects (:mod:`.scale`)
 
 
 class QuickFeatures:
     """Per-window quick-mode features: foundation levels + intensity + classical filters.
 
-    ``channels``: how many features per voxel (the head's input width).
+    ``levels`` / ``sigmas`` default to the config's (``sigmas`` None there: 1, 2, 4, the
+    sigmas of objects the foundation's training size); an empty ``levels`` = the filters
+    alone. ``zoom``: the foundation sees each window resampled by this factor (objects
+    at its training size; :mod:`.scale`) and its features are resampled back; the
+    filters always run at the volume's own resolution.
+
+    ``channels``: how many features per voxel (the head's input width);
+    ``foundation_channels``: how many of them (the first) come from the foundation.
     """
 
-    def __init__(self, foundation: Any, config: Any) -> None:
+    def __init__(self, foundation: Any, config: Any, *, levels: Any = None, sigmas: Any = None,
+                 zoom: float = 1.0) -> None:
         self.foundation = foundation
-        self.levels = tuple(config.feature_levels)
-        self.sigmas = tuple(config.sigmas)
+        self.levels = tuple(config.feature_levels if levels is None else levels)
+        if sigmas is None:
+            sigmas = config.sigmas if config.sigmas is not None else DEFAULT_SIGMAS
+        self.sigmas = tuple(float(s) for s in sigmas)
         self.spacing = tuple(config.voxel_size) if config.voxel_size else (1.0, 1.0, 1.0)
+        self.zoom = float(zoom)
         chans = list(foundation.feature_channels)
         bad = [lv for lv in self.levels if not 0 <= lv < len(chans)]
         if bad:
             raise ValueError(
                 f"feature_levels {bad} do not exist; this foundation has 0..{len(chans) - 1}"
             )
-        self.channels = sum(chans[lv] for lv in self.levels) + n_channels(self.sigmas)
+        self.foundation_channels = sum(chans[lv] for lv in self.levels)
+        self.channels = self.foundation_channels + n_channels(self.sigmas)
+
+    @classmethod
+    def from_settings(cls, foundation: Any, config: Any, settings: dict) -> QuickFeatures:
+        """The features a saved model's head reads (its ``features`` record)."""
+        return cls(foundation, config, levels=settings.get("levels"),
+                   sigmas=settings.get("sigmas"), zoom=settings.get("zoom", 1.0))
 
     def settings(self) -> dict:
         return {"levels": list(self.levels), "sigmas": list(self.sigmas),
-                "spacing": list(self.spacing), "channels": self.channels}
+                "spacing": list(self.spacing), "zoom": self.zoom, "channels": self.channels}
 
     def key(self, image_key: tuple, config: Any) -> tuple:
         """What the cached features of the image ``image_key`` depend on: the foundation's
@@ -57,7 +78,10 @@ class QuickFeatures:
     def memory(self, shape: Any) -> dict:
         """The memory estimate of these windows on a volume of ``shape``, as keyword
         arguments of :func:`~napari_lsmfm.engine.device.with_smaller_tiles`."""
-        return {"shape": tuple(shape), "voxel_bytes": self.foundation.voxel_bytes(self.channels),
+        voxel_bytes = self.foundation.voxel_bytes(self.channels)
+        if self.levels and self.zoom > 1:  # the foundation sees the window enlarged
+            voxel_bytes = int(voxel_bytes * self.zoom**3)
+        return {"shape": tuple(shape), "voxel_bytes": voxel_bytes,
                 "multiple": self.foundation.size_multiple}
 
     def window_fn(self, intensity_range: tuple[float, float]):
@@ -67,21 +91,28 @@ class QuickFeatures:
             x = torch.from_numpy(normalize_window(windows, intensity_range, "segmenting"))
             x = x.to(self.foundation.device)
             with torch.inference_mode():
-                parts = []
-                if self.levels == (0,):
-                    parts.append(self.foundation(x))
-                elif self.levels:
-                    levels = self.foundation.features(x)
-                    for lv in self.levels:
-                        f = levels[lv]
-                        if f.shape[2:] != x.shape[2:]:
-                            f = F.interpolate(f, size=x.shape[2:], mode="trilinear",
-                                              align_corners=False)
-                        parts.append(f)
+                parts = self.foundation_features(x) if self.levels else []
                 parts.append(filter_bank(x, self.sigmas, self.spacing))
                 return torch.cat(parts, 1)
 
         return fn
+
+    def foundation_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The foundation's levels of normalised windows ``x`` (B, 1, z, y, x), at
+        ``zoom`` and resampled back to the windows' size."""
+        size = x.shape[2:]
+        if self.zoom != 1.0:
+            zoomed = [max(4, round(s * self.zoom)) for s in size]
+            x = F.interpolate(x, size=zoomed, mode="area" if self.zoom < 1 else "trilinear",
+                              **({} if self.zoom < 1 else {"align_corners": False}))
+        if self.levels == (0,):
+            levels = [self.foundation(x)]
+        else:
+            found = self.foundation.features(x)
+            levels = [found[lv] for lv in self.levels]
+        return [f if f.shape[2:] == size else
+                F.interpolate(f, size=size, mode="trilinear", align_corners=False)
+                for f in levels]
 
 
 def volume_features(features: QuickFeatures, image: Any, irange: tuple[float, float],

@@ -18,6 +18,7 @@ included.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_lsmfm.engine.device import memory_guard, with_smaller_tiles
+from napari_lsmfm.engine.device import memory_guard, resolve_device, with_smaller_tiles
+from napari_lsmfm.engine.jobs import span
 from napari_lsmfm.engine.tiled import predict_tiled
 from napari_lsmfm.engine.train import FitReport, TrainLoop, grad_scaler
 from napari_lsmfm.model.foundation import normalize_window
@@ -37,8 +39,8 @@ from napari_lsmfm.tasks.heads import VoxelHead
 from .labels import SparseLabels
 from .quick import class_weights
 
-__all__ = ["FullNet", "PatchSampler", "finetune", "freeze_batchnorm", "is_encoder",
-           "masked_loss", "predict_full", "window_fn"]
+__all__ = ["FullNet", "PatchSampler", "finetune", "fit_full", "freeze_batchnorm",
+           "is_encoder", "masked_loss", "predict_full", "window_fn"]
 
 _UNET_DECODER = re.compile(r"^model\.(1\.submodule\.)*2\.")
 
@@ -287,3 +289,40 @@ def predict_full(net: FullNet, anchor: FullNet | None, config: Any, image: Any,
         ctx=ctx, message="segmenting",
     ), config.tile, ctx, device, shape=image.shape, multiple=net.foundation.size_multiple,
         voxel_bytes=net.foundation.voxel_bytes(net.head.n_out) * (1 if anchor is None else 2))
+
+
+def fit_full(seg: Any, image: Any, sparse: SparseLabels, irange: tuple[float, float],
+             ctx: Any = None) -> FitReport:
+    """The full-mode fit of ``seg`` (a :class:`~.segmenter.Segmenter`): the quick fit it
+    starts from (``seg``'s own quick segmenter, whose features stay cached), then
+    :func:`finetune`; commits the network and the quick model (``quick_weight``)."""
+    cfg = seg.config
+    classes = sparse.classes
+    device = resolve_device(cfg.device) if cfg.device else seg.foundation.device
+    warm = seg.net is not None and seg.classes == classes and cfg.warm_start
+    anchor, quick = None, None
+    if not warm or cfg.quick_weight > 0:
+        # the quick fit it starts from (``seg._quick`` keeps its features cached, so
+        # refits with more strokes reuse them)
+        if seg._quick is None or seg._quick.config != cfg.quick_start():
+            seg._quick = type(seg)(seg.foundation, cfg.quick_start())
+        quick = seg._quick.fit(image, sparse, span(ctx, 0.0, 0.15))
+        head = copy.deepcopy(seg._quick.head)
+        feats = seg._quick.quick_features  # the head reads exactly these filters
+        if cfg.quick_weight > 0:  # the quick model, kept frozen for predictions
+            anchor = FullNet(copy.deepcopy(seg.foundation), copy.deepcopy(head),
+                             feats.sigmas, feats.spacing).to_device(device)
+    if warm:
+        net = copy.deepcopy(seg.net)
+    else:
+        net = FullNet(copy.deepcopy(seg.foundation), head, feats.sigmas, feats.spacing)
+    net.to_device(device)
+    if quick is not None and quick.stopped:
+        # stopped already during the quick fit: the model so far, with that quick model
+        seg.commit(classes, net=net, anchor=anchor)
+        seg.history, seg.best_loss = quick.history, quick.best_loss
+        return dataclasses.replace(quick, extra=dict(quick.extra))
+    report = finetune(net, image, irange, sparse, len(classes) + 1, cfg, device,
+                      span(ctx, 0.15, 1.0))
+    seg.commit(classes, net=net, anchor=anchor)
+    return report

@@ -24,7 +24,7 @@ from napari_lsmfm.engine.train import FitReport, TrainLoop
 from napari_lsmfm.tasks.heads import VoxelHead
 
 __all__ = ["class_weights", "classify_cached", "classify_windows", "cpu_threads", "fit_head",
-           "head_decay", "head_probabilities"]
+           "head_decay", "head_probabilities", "head_probabilities_flat"]
 
 
 @contextlib.contextmanager
@@ -70,11 +70,12 @@ def head_decay(config: Any, targets: np.ndarray, n_out: int) -> float:
 
 
 def fit_head(config: Any, samples: np.ndarray, targets: np.ndarray, n_out: int,
-             start: VoxelHead | None, device: torch.device, ctx: Any = None
-             ) -> tuple[VoxelHead, FitReport]:
+             start: VoxelHead | None, device: torch.device, ctx: Any = None,
+             steps: int | None = None) -> tuple[VoxelHead, FitReport]:
     """Train a head on ``samples`` (N, C) float32 features with class indices ``targets``
     (N,) int64 (0 = background); ``start``: a head to continue from (a warm start; used
-    when it reads C features), else a new one standardised on ``samples``.
+    when it reads C features), else a new one standardised on ``samples``; ``steps``:
+    None = ``config.n_steps`` (the learning-rate schedule spans the steps run).
 
     Returns the best head (eval mode) and the loop's report; ``Cancelled`` before any
     step propagates.
@@ -95,7 +96,7 @@ def fit_head(config: Any, samples: np.ndarray, targets: np.ndarray, n_out: int,
     eval_idx = torch.from_numpy(rng.choice(n, size=min(n, 65536), replace=False)).to(X.device)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.learning_rate,
                            weight_decay=head_decay(cfg, targets, n_out))
-    steps = cfg.n_steps
+    steps = cfg.n_steps if steps is None else int(steps)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, T_max=steps, eta_min=0.1 * cfg.learning_rate
     )
@@ -123,17 +124,26 @@ def fit_head(config: Any, samples: np.ndarray, targets: np.ndarray, n_out: int,
     return head.eval(), report
 
 
-def head_probabilities(head: VoxelHead, feats: np.ndarray, device: torch.device) -> np.ndarray:
-    """Class probabilities (n_out, z, y, x) float32 of a block of features (C, z, y, x)."""
+def head_probabilities(head: Any, feats: np.ndarray, device: torch.device) -> np.ndarray:
+    """Class probabilities (n_out, z, y, x) float32 of a block of features (C, z, y, x)
+    (``head``: a :class:`VoxelHead` or a :class:`~napari_lsmfm.tasks.heads.ForestHead`)."""
     c = feats.shape[0]
     flat = feats.reshape(c, -1)
     probs = np.empty((head.n_out, flat.shape[1]), np.float32)
     step = 1 << 18  # voxels per pass: bounded memory for any block
-    with torch.inference_mode():
-        for i in range(0, flat.shape[1], step):
-            x = torch.from_numpy(np.ascontiguousarray(flat[:, i : i + step].T, np.float32))
-            probs[:, i : i + step] = F.softmax(head(x.to(device)), -1).float().cpu().numpy().T
+    for i in range(0, flat.shape[1], step):
+        x = np.ascontiguousarray(flat[:, i : i + step].T, np.float32)
+        probs[:, i : i + step] = head_probabilities_flat(head, x, device).T
     return probs.reshape(head.n_out, *feats.shape[1:])
+
+
+def head_probabilities_flat(head: Any, x: np.ndarray, device: torch.device) -> np.ndarray:
+    """Class probabilities (N, n_out) float32 of feature vectors ``x`` (N, C)."""
+    if not isinstance(head, torch.nn.Module):  # a forest
+        return head.probabilities(x)
+    with torch.inference_mode():
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device)
+        return F.softmax(head(t), -1).float().cpu().numpy()
 
 
 def classify_cached(head: VoxelHead, cached: np.ndarray, region: tuple[slice, ...], write: Any,

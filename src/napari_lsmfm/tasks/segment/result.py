@@ -180,14 +180,24 @@ def instance_classes(request: bool | Sequence[int], classes: Sequence[int]) -> t
 
 
 def class_instances(classes: Any, wanted: Sequence[int], voxel_size: Sequence[float] | None,
-                    target: Any = None) -> Any:
+                    target: Any = None, *, probabilities: Any = None,
+                    channel_values: Sequence[int] | None = None,
+                    diameter: float | None = None) -> Any:
     """Objects of the classes ``wanted`` in a class map (Z, Y, X): uint32 ids, unique
-    across classes, 0 elsewhere; written into ``target`` when given (and returned)."""
+    across classes, 0 elsewhere; written into ``target`` when given (and returned).
+
+    ``probabilities`` (C, Z, Y, X; float or uint8) with their ``channel_values``: each
+    class's probability, so a dip between touching objects helps split them;
+    ``diameter``: the objects' typical diameter in micrometres (as ``voxel_size``)."""
     labels = np.asarray(classes)
     result = np.zeros(labels.shape, np.uint32)
     offset = 0
     for value in wanted:
-        inst = split_instances(labels == value, voxel_size=voxel_size)
+        prob = None
+        if probabilities is not None and channel_values is not None:
+            prob = np.asarray(probabilities[list(channel_values).index(value)])
+        inst = split_instances(labels == value, voxel_size=voxel_size, probability=prob,
+                               diameter=diameter)
         inst[inst > 0] += offset
         offset = max(offset, int(inst.max()))
         result = np.maximum(result, inst)

@@ -1,9 +1,12 @@
 """A :class:`~.segmenter.Segmenter` on disk: what is saved (the engine's saved-model
 format: ``config.json`` plus safetensors parts) and how it is rebuilt.
 
-Parts: quick mode "head"; full mode "head" and "backbone" of the finetuned network,
-plus "anchor_head" and "anchor_backbone", the quick model it started from (absent in
-models trained with ``quick_weight`` 0 or saved before output ensembling).
+Parts: quick mode "head" (an MLP, or a random forest's trees as arrays: the "candidate"
+entry says which model won, "features" what it reads, "refinement" the prior shift its
+probabilities get, :mod:`.refine`); full mode "head" and "backbone"
+of the finetuned network, plus "anchor_head" and "anchor_backbone", the quick model it
+started from (absent in models trained with ``quick_weight`` 0 or saved before output
+ensembling).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from napari_lsmfm.engine.store import check_foundation, foundation_record, load_task_model
-from napari_lsmfm.tasks.heads import VoxelHead
+from napari_lsmfm.tasks.heads import ForestHead, VoxelHead
 
 from .config import SegmentConfig
+from .features import QuickFeatures
 from .full import FullNet
+from .refine import PriorShift
 
 __all__ = ["foundation_for", "load_segmenter", "model_record"]
 
@@ -37,6 +42,9 @@ def model_record(seg: Any) -> tuple[dict, dict]:
     if seg.config.mode == "quick":
         config["head"] = seg.head.settings()
         config["features"] = seg.quick_features.settings()
+        config["candidate"] = seg.candidate
+        if seg.refinement is not None:
+            config["refinement"] = seg.refinement.record()
         parts = {"head": seg.head.state_dict()}
     else:
         config["head"] = seg.net.head.settings()
@@ -66,13 +74,22 @@ def load_segmenter(cls: type, folder: str | Path, foundation: Any = None,
         classes = tuple(int(c) for c in config["classes"])
         seg.best_loss = config.get("best_loss")
         if cfg.mode == "quick":
-            head = VoxelHead.from_saved(config["head"], parts["head"])
-            if head.in_channels != seg.quick_features.channels:
+            kind = config["head"].get("kind", "mlp")
+            head_cls = ForestHead if kind == "forest" else VoxelHead
+            head = head_cls.from_saved(config["head"], parts["head"])
+            # the features the head reads: saved since the candidates (older models: the
+            # config's, as then)
+            feats = (QuickFeatures.from_settings(foundation, cfg, config["features"])
+                     if "zoom" in config.get("features", {}) else seg.quick_features)
+            if head.in_channels != feats.channels:
                 raise ValueError(
                     f"{folder}: the head reads {head.in_channels} features but these settings "
-                    f"make {seg.quick_features.channels}"
+                    f"make {feats.channels}"
                 )
-            return seg.commit(classes, head=head.to(foundation.device))
+            candidate = config.get("candidate") or "foundation"
+            shift = config.get("refinement")  # absent in models saved before it
+            return seg.use_quick_model(classes, head.to(foundation.device), feats, candidate,
+                                       refinement=PriorShift(shift) if shift else None)
         target = cfg.device or foundation.device
         net = FullNet.from_saved(foundation, config, parts["head"], parts["backbone"])
         net.to_device(target)

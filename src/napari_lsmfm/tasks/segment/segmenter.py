@@ -9,8 +9,6 @@ the saved-model store. The modes' own work is in :mod:`.quick` and :mod:`.full`.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -29,11 +27,13 @@ from napari_lsmfm.io.check import check_volume
 from napari_lsmfm.tasks.heads import VoxelHead
 
 from . import saved
+from .candidates import fit_quick
 from .config import SegmentConfig
 from .features import FeatureCache, QuickFeatures, image_key, point_features, volume_features
-from .full import FullNet, finetune, predict_full
+from .full import FullNet, fit_full, predict_full
 from .labels import SparseLabels, class_dtype
-from .quick import classify_cached, classify_windows, fit_head, head_decay
+from .quick import classify_cached, classify_windows, head_decay
+from .refine import PriorShift, apply_offsets
 from .result import ResultWriter, SegmentationResult, class_instances, instance_classes
 
 __all__ = ["Segmenter"]
@@ -66,6 +66,9 @@ class Segmenter:
         self.history: list[float] = []
         self.best_loss: float | None = None
         self.quick_features = QuickFeatures(foundation, config) if config.mode == "quick" else None
+        self.candidate: str | None = None  # quick mode: the model chosen (.candidates)
+        self.refinement: PriorShift | None = None  # quick mode: the prior shift (.refine)
+        self._companion: QuickFeatures | None = None
         self._cache = FeatureCache()
         self._ranges: dict[tuple, tuple[float, float]] = {}
         self._quick: Segmenter | None = None  # full mode: the quick fit it starts from
@@ -151,47 +154,66 @@ class Segmenter:
         warnings = flat_image_warnings(irange, ctx)
         if self.config.mode == "quick":
             sparse = sparse.subsample(self.config.max_samples, self.config.seed)
-            report = self._fit_quick(image, sparse, key, irange, ctx)
+            report = self._record(fit_quick(self, image, sparse, irange, ctx))
         else:
-            report = self._fit_full(image, sparse, irange, ctx)
+            report = self._record(fit_full(self, image, sparse, irange, ctx))
         if warnings:
             report.update(warnings=warnings)
         return report.update(seconds=time.perf_counter() - t0, n_annotated=sparse.n_annotated,
                              classes=list(self.classes))
 
-    def features(self, image: Any, ctx: Any = None) -> np.ndarray | None:
-        """The whole-volume quick-mode features (C, Z, Y, X) float16, computed once and
-        cached; None when they would exceed ``config.cache_bytes``."""
-        if self.quick_features is None:
+    def features(self, image: Any, ctx: Any = None, *, features: QuickFeatures | None = None
+                 ) -> np.ndarray | None:
+        """The whole-volume quick-mode features (C, Z, Y, X) float16 the model reads (or
+        ``features``), computed once and cached; None when they would exceed
+        ``config.cache_bytes``."""
+        qf = features or self.quick_features
+        if qf is None:
             raise ValueError("features are cached in quick mode only")
         key = image_key(image)
-        fkey = self.quick_features.key(key, self.config)
+        fkey = qf.key(key, self.config)
         feats = self._cache.recall(fkey)
         if feats is not None:
             return feats
-        nbytes = 2 * self.quick_features.channels * math.prod(image.shape)
+        companion = self._companion
+        if companion is not None and qf is self.quick_features:
+            both = self._cache.recall(companion.key(key, self.config))
+            if both is not None:  # the filters are its last channels
+                return both[companion.foundation_channels:]
+        nbytes = 2 * qf.channels * math.prod(image.shape)
         if not self._cache.make_room(nbytes, self.config.cache_bytes):
             return None
-        feats = volume_features(self.quick_features, image,
-                                self._intensity_range(image, key), self.config, ctx)
+        feats = volume_features(qf, image, self._intensity_range(image, key), self.config, ctx)
         self._cache[fkey] = feats
         return feats
 
-    def _fit_quick(self, image, sparse: SparseLabels, key, irange, ctx) -> FitReport:
-        cfg, qf = self.config, self.quick_features
-        was_cached = qf.key(key, cfg) in self._cache
-        cached = self.features(image, span(ctx, 0.0, 0.8))
+    def is_cached(self, image: Any, features: QuickFeatures) -> bool:
+        """Whether the whole-volume ``features`` of ``image`` are in the cache."""
+        return features.key(image_key(image), self.config) in self._cache
+
+    def stroke_features(self, image: Any, features: QuickFeatures, sparse: Any,
+                        irange: tuple[float, float], ctx: Any = None) -> np.ndarray:
+        """``features`` at the strokes (a :class:`SparseLabels`, or voxels (N, 3)): (N, C)
+        float32, from the whole-volume cache (filled now) or, for volumes too big to
+        cache, computed in the windows holding them."""
+        coords = getattr(sparse, "coords", sparse)
+        cached = self.features(image, ctx, features=features)
         if cached is not None:
-            z, y, x = sparse.coords.T
-            samples = np.asarray(cached[:, z, y, x].T, np.float32)
-        else:
-            samples = point_features(qf, image, sparse.coords, irange, cfg, span(ctx, 0.0, 0.8))
-        classes = sparse.classes
-        start = self.head if cfg.warm_start and self.classes == classes else None
-        head, report = fit_head(cfg, samples, sparse.targets(classes), len(classes) + 1, start,
-                                self.foundation.device, span(ctx, 0.0 if was_cached else 0.8, 1.0))
-        self.commit(classes, head=head)
-        return self._record(report)
+            z, y, x = np.asarray(coords).T
+            return np.asarray(cached[:, z, y, x].T, np.float32)
+        return point_features(features, image, coords, irange, self.config, ctx)
+
+    def use_quick_model(self, classes: Sequence[int], head: Any, features: QuickFeatures,
+                        candidate: str, companion: QuickFeatures | None = None,
+                        refinement: PriorShift | None = None) -> Segmenter:
+        """Make ``head`` (reading ``features``) the quick model, candidate ``candidate``,
+        its probabilities corrected by ``refinement`` (:mod:`.refine`; None: as they are);
+        ``companion``: cached features whose last channels are ``features`` (the filters
+        of foundation + filter features), read instead of computing them again."""
+        self.quick_features, self.candidate = features, candidate
+        self.refinement = refinement
+        self._companion = companion if companion is not features else None
+        return self.commit(classes, head=head)
 
     def _head_decay(self, targets: np.ndarray, n_out: int) -> float:
         return head_decay(self.config, targets, n_out)
@@ -200,39 +222,7 @@ class Segmenter:
         self.history, self.best_loss = report.history, report.best_loss
         return report
 
-    def _fit_full(self, image, sparse: SparseLabels, irange, ctx) -> FitReport:
-        cfg = self.config
-        classes = sparse.classes
-        device = resolve_device(cfg.device) if cfg.device else self.foundation.device
-        warm = self.net is not None and self.classes == classes and cfg.warm_start
-        anchor, quick = None, None
-        if not warm or cfg.quick_weight > 0:
-            # the quick fit it starts from (``self._quick`` keeps its features cached, so
-            # refits with more strokes reuse them)
-            if self._quick is None or self._quick.config != cfg.quick_start():
-                self._quick = Segmenter(self.foundation, cfg.quick_start())
-            quick = self._quick.fit(image, sparse, span(ctx, 0.0, 0.15))
-            head = copy.deepcopy(self._quick.head)
-            feats = self._quick.quick_features  # the head reads exactly these filters
-            if cfg.quick_weight > 0:  # the quick model, kept frozen for predictions
-                anchor = FullNet(copy.deepcopy(self.foundation), copy.deepcopy(head),
-                                 feats.sigmas, feats.spacing).to_device(device)
-        if warm:
-            net = copy.deepcopy(self.net)
-        else:
-            net = FullNet(copy.deepcopy(self.foundation), head, feats.sigmas, feats.spacing)
-        net.to_device(device)
-        if quick is not None and quick.stopped:
-            # stopped already during the quick fit: the model so far, with that quick model
-            self.commit(classes, net=net, anchor=anchor)
-            self.history, self.best_loss = quick.history, quick.best_loss
-            return dataclasses.replace(quick, extra=dict(quick.extra))
-        report = finetune(net, image, irange, sparse, len(classes) + 1, cfg, device,
-                          span(ctx, 0.15, 1.0))
-        self.commit(classes, net=net, anchor=anchor)
-        return self._record(report)
-
-    def commit(self, classes: Sequence[int], *, head: VoxelHead | None = None,
+    def commit(self, classes: Sequence[int], *, head: Any = None,
                net: FullNet | None = None, anchor: FullNet | None = None) -> Segmenter:
         """Make these the trained parts for ``classes``: quick mode ``head``; full mode the
         network ``net`` and the quick model ``anchor`` (None: the network alone), frozen."""
@@ -291,6 +281,7 @@ class Segmenter:
         pred_ctx = span(ctx, 0.0, 0.9 if instances else 1.0)
         if self.config.mode == "quick":
             self._predict_quick(image, irange, box, writer, pred_ctx)
+            stats["refine"] = dict(self.refinement or {"method": "none"})
         else:
             predict_full(self.net, self.anchor, self.config, image, irange, box, writer, pred_ctx)
         stats["predict_seconds"] = time.perf_counter() - t0
@@ -300,7 +291,9 @@ class Segmenter:
             if ctx is not None:
                 ctx.report(0.9, "splitting objects")
             inst = class_instances(writer.classes, wanted, self.config.voxel_size,
-                                   out.get("instances"))
+                                   out.get("instances"), probabilities=writer.probabilities,
+                                   channel_values=self.channel_values,
+                                   diameter=self.config.object_diameter)
             if ctx is not None:
                 ctx.report(1.0, "done")
         return writer.result(self.channel_values, instances=inst,
@@ -309,6 +302,9 @@ class Segmenter:
     def _predict_quick(self, image, irange, region, write, ctx) -> None:
         device = self.foundation.device
         head = self.head.to(device).eval()
+        offsets = self.refinement.offsets if self.refinement is not None else None
+        if offsets is not None:  # the class mix of the volume, not of the strokes
+            write = _shifted(write, offsets)
         cached = self.features(image, span(ctx, 0.0, 0.9))
         if cached is not None:
             classify_cached(head, cached, region, write, device, ctx)
@@ -333,6 +329,13 @@ class Segmenter:
         the weights' fingerprint); None loads it from the recorded source (the embedded
         default, or the saved path). A full-mode model carries its own backbone."""
         return saved.load_segmenter(cls, folder, foundation, device)
+
+
+def _shifted(write: Any, offsets: np.ndarray) -> Any:
+    def sink(sl: tuple[slice, ...], probs: np.ndarray) -> None:
+        write(sl, apply_offsets(probs, offsets, axis=0))
+
+    return sink
 
 
 def flat_image_warnings(irange: tuple[float, float], ctx: Any = None) -> list[str]:
