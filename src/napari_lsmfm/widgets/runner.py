@@ -7,23 +7,26 @@ job without one (a menu command), in napari's activity dock (``napari.utils.prog
 whose spinner repaints the window ~30 times a second: a dock widget's job does without
 it, see :data:`POLL_MS`); errors become viewer notifications; the job is cancelled
 when its widget leaves the viewer or is destroyed (window closed). :class:`UiPost` and
-:func:`in_background` run small things off the UI thread (imports, the model preload)
-and hand their result back to it.
+:func:`in_background` run imports and the model preload off the UI thread.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+# here, on the UI thread: imported in a job's start they could wait on the preload's lock
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal, Slot
 from qtpy.QtWidgets import QWidget
 
 from napari_lsmfm.engine.jobs import Cancelled, JobContext, QueueContext, Update
+from napari_lsmfm.engine.libs import import_quietly, load_torch_libraries
 
 # How often the job's progress reaches the screen. Each repaint of napari's window runs
 # inside its Python event handler, so it holds the GIL (about 20 ms each under Xvfb's
@@ -93,7 +96,7 @@ def when_imported(module: str, owner: QObject, fn: Callable[[], Any]) -> None:
     if imported(module):
         fn()
         return
-    in_background(lambda: importlib.import_module(module), lambda _: if_alive(owner, fn))
+    in_background(lambda: import_quietly(module), lambda _: if_alive(owner, fn))
 
 
 def if_alive(owner: QObject, fn: Callable[[], Any]) -> None:
@@ -154,8 +157,6 @@ class JobRunner(QObject):
 
     def start(self, fn: Callable[[JobContext], Any], description: str) -> None:
         """Run ``fn(ctx)`` in a worker thread. Raises RuntimeError if a job is running."""
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
 
         if self.running:
             raise RuntimeError(f"{self._description} is still running; stop it first.")
@@ -169,6 +170,7 @@ class JobRunner(QObject):
 
         def run() -> Any:
             try:
+                load_torch_libraries()  # before a job's first torch import, without the GIL
                 return fn(ctx)
             finally:
                 done.set()
@@ -246,7 +248,6 @@ class JobRunner(QObject):
         self.succeeded.emit(result)
 
     def _on_errored(self, exc: Exception) -> None:
-        from napari.utils.notifications import show_error, show_info
 
         self._poll()
         if isinstance(exc, Cancelled):

@@ -37,6 +37,9 @@ def default_loader(device: str) -> Callable[[Callable[[float, str], None] | None
     """``load(progress)``: the embedded default foundation model, loaded on ``device``."""
 
     def load(progress: Callable[[float, str], None] | None) -> Any:
+        from napari_lsmfm.engine.libs import load_torch_libraries
+
+        load_torch_libraries()  # without the GIL: the viewer keeps drawing meanwhile
         from napari_lsmfm.model import load_foundation
 
         return load_foundation(None, device=device, progress=progress)

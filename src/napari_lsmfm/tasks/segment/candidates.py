@@ -32,7 +32,7 @@ from napari_lsmfm.tasks.heads import ForestHead, VoxelHead
 
 from .features import QuickFeatures
 from .quick import class_weights, fit_head, head_probabilities_flat
-from .refine import shift_for, stroke_prior, volume_sample
+from .refine import VOLUME_SAMPLES, shift_for, stroke_prior, volume_sample
 from .scale import object_scale
 
 __all__ = ["CANDIDATES", "MAX_FOLDS", "PREFERENCE", "TIE", "balanced_accuracy",
@@ -239,8 +239,9 @@ def fit_quick(seg: Any, image: Any, sparse: Any, irange: tuple[float, float],
     train_prior = stroke_prior(targets, n_out, class_weights(cfg, targets, n_out).numpy())
 
     def volume_probs():
+        # stopped: the user waits, so the mix comes from a tenth of the voxels
         where = volume_sample(image.shape, sparse.coords, seg.is_cached(image, source),
-                              cfg.seed)
+                              cfg.seed, VOLUME_SAMPLES // (10 if report.stopped else 1))
         got = seg.stroke_features(image, source, where, irange)
         return head_probabilities_flat(model, got if winner == "foundation"
                                        else got[:, n_found:], device)
