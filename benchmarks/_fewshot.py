@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_lsmfm.synth import make_volume
+from napari_lsmfm.tasks.instance_metrics import object_f1
 
 # A seed no training run uses (the pretraining corpus derives its own from its seed).
 HELD_OUT_SEED = 9001
@@ -81,35 +82,6 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     pred, truth = pred.astype(bool), truth.astype(bool)
     denom = pred.sum() + truth.sum()
     return float(2 * np.logical_and(pred, truth).sum() / denom) if denom else 1.0
-
-
-def object_f1(pred_labels: np.ndarray, true_labels: np.ndarray, iou: float = 0.5) -> float:
-    """F1 of one-to-one object matches with IoU > ``iou`` (instance label images)."""
-    p_ids = np.unique(pred_labels)
-    t_ids = np.unique(true_labels)
-    p_ids, t_ids = p_ids[p_ids > 0], t_ids[t_ids > 0]
-    if len(p_ids) == 0 and len(t_ids) == 0:
-        return 1.0
-    if len(p_ids) == 0 or len(t_ids) == 0:
-        return 0.0
-    both = (pred_labels > 0) & (true_labels > 0)
-    pairs, inter = np.unique(
-        np.stack([pred_labels[both], true_labels[both]]), axis=1, return_counts=True
-    )
-    p_size = dict(zip(*np.unique(pred_labels, return_counts=True), strict=True))
-    t_size = dict(zip(*np.unique(true_labels, return_counts=True), strict=True))
-    matched_p, matched_t = set(), set()
-    scores = []
-    for (p, t), n in zip(pairs.T, inter, strict=True):
-        scores.append((n / (p_size[p] + t_size[t] - n), p, t))
-    for score, p, t in sorted(scores, reverse=True):
-        if score <= iou:
-            break
-        if p not in matched_p and t not in matched_t:
-            matched_p.add(p)
-            matched_t.add(t)
-    tp = len(matched_p)
-    return 2 * tp / (len(p_ids) + len(t_ids))
 
 
 def as_instances(mask: np.ndarray, label_kind: str, voxel_size) -> np.ndarray:

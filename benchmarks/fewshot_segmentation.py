@@ -47,13 +47,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fewshot import brush_lines, dice, machine, object_f1, table  # noqa: E402
+from _fewshot import brush_lines, dice, machine, table  # noqa: E402
 
 from napari_lsmfm.model import load_foundation  # noqa: E402
 from napari_lsmfm.synth import make_volume  # noqa: E402
 from napari_lsmfm.synth.optics import degrade  # noqa: E402
 from napari_lsmfm.tasks import Segmenter, split_instances  # noqa: E402
 from napari_lsmfm.tasks.baseline import PixelClassifier  # noqa: E402
+from napari_lsmfm.tasks.instance_metrics import object_f1  # noqa: E402
 
 SEEDS = {"validation": 7001, "report": 9001}
 RFS = ("RF (PixelClassifier)", "RF (skimage)")

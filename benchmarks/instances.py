@@ -31,12 +31,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
-import os
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +40,13 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fewshot import brush, table  # noqa: E402
+from datasets import stardist_nuclei  # noqa: E402
 
 from napari_lsmfm.synth import load_sample, make_volume  # noqa: E402
 from napari_lsmfm.tasks import split_instances  # noqa: E402
 from napari_lsmfm.tasks.instance_metrics import match_objects  # noqa: E402
 
 SEEDS = {"val": (7001, 7002), "test": (9001, 9002)}
-CACHE = Path(os.environ.get("LSMFM_CACHE", Path.home() / ".cache" / "napari-lsmfm")) / "wheels"
 
 # name: make_volume arguments. Sizes: the nuclei are 3.5-8 um in radius; a voxel size
 # scaled by s makes them 1/s as many voxels across.
@@ -66,29 +62,12 @@ NUCLEI = {
 OTHER = ("plaques", "vessels", "plaques sample", "vessels sample", "stardist")
 
 
-def stardist_volume() -> tuple[np.ndarray, np.ndarray]:
-    """img3d and mask3d from the stardist 0.9.2 wheel (downloaded once into CACHE)."""
-    wheels = sorted(CACHE.glob("stardist-0.9.2-*.whl"))
-    if not wheels:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        print(f"fetching the stardist 0.9.2 wheel into {CACHE}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(CACHE), "stardist==0.9.2"], check=True)
-        wheels = sorted(CACHE.glob("stardist-0.9.2-*.whl"))
-    import tifffile
-
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        image = tifffile.imread(io.BytesIO(wheel.read("stardist/data/images/img3d.tif")))
-        mask = tifffile.imread(io.BytesIO(wheel.read("stardist/data/images/mask3d.tif")))
-    return image, mask
-
-
 def volumes(cases, seeds):
     """(case, seed, image, truth objects, voxel size) for every case and seed."""
     for case in cases:
         if case == "stardist":
-            image, mask = stardist_volume()
-            yield case, "-", image, mask, (2.0, 1.0, 1.0)
+            data = stardist_nuclei()  # the voxel size assumed here: 2, 1, 1 um
+            yield case, "-", data.image, data.labels, (2.0, 1.0, 1.0)
         elif case.endswith("sample"):
             kind = case.split()[0]
             image, labels, voxel_size = load_sample(kind)

@@ -29,6 +29,7 @@ from napari_lsmfm.tasks import (
     segment,
     split_instances,
 )
+from napari_lsmfm.tasks.instance_metrics import object_f1
 
 SHAPE = (48, 128, 128)
 VOXEL = (2.0, 1.0, 1.0)
@@ -433,16 +434,6 @@ def test_split_instances_separates_touching_spheres():
     # the same with anisotropic voxels (every second plane)
     assert split_instances((a | b)[::2], voxel_size=(2, 1, 1)).max() == 2
     assert split_instances(np.zeros((4, 5, 6), bool)).max() == 0
-
-
-def object_f1(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> float:
-    """Per-object F1: objects matched at IoU > 0.5 (such matches are unique)."""
-    p, t = pred.ravel().astype(np.int64), truth.ravel().astype(np.int64)
-    n_p, n_t = int(p.max()) + 1, int(t.max()) + 1
-    inter = np.bincount(p * n_t + t, minlength=n_p * n_t).reshape(n_p, n_t)[1:, 1:]
-    size_p, size_t = np.bincount(p, minlength=n_p)[1:], np.bincount(t, minlength=n_t)[1:]
-    ious = inter / (size_p[:, None] + size_t[None, :] - inter)
-    return float(2 * (ious > iou).sum() / (len(size_p) + len(size_t)))
 
 
 def test_predict_instances_finds_the_nuclei(nuclei):

@@ -71,11 +71,9 @@ class FoundationWidget(TaskWidget):
         trusted = self.trust_box.isChecked()
 
         def job(ctx: JobContext) -> Any:
-            if path is None and self.slot.preloading():  # the default, loading already
-                ctx.report(0.0, "waiting for the default model (loading in the background)")
-                preloaded = self.slot.wait_for_preload(ctx.check)
-                if preloaded is not None and not trusted and vocab is None:
-                    return preloaded
+            preloaded = self.slot.await_preload(ctx) if path is None else None
+            if preloaded is not None and not trusted and vocab is None:  # the default
+                return preloaded.to_device(device)  # on the device chosen here
             ctx.report(0.0, "reading weights")
             return load_foundation(
                 path, device=device, trusted=trusted, vocab=vocab,

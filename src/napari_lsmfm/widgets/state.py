@@ -157,13 +157,20 @@ class FoundationSlot:
                 check()
         return None if preload.cancelled else preload.foundation
 
+    def await_preload(self, ctx: Any) -> Any:
+        """(In a job.) The model a running preload loads, waited for (the status says so);
+        None when none runs, or it failed or was cancelled."""
+        if not self.preloading():
+            return None
+        ctx.report(0.0, "waiting for the default foundation model (loading in the background)")
+        return self.wait_for_preload(ctx.check)
+
     def foundation_or_default(self, ctx: Any, device: str) -> Any:
         """(In a job, ``ctx`` a JobContext.) The slot's model; else the one a running
         preload loads (waited for: no second copy); else the embedded default, loaded on
         ``device`` now."""
-        if self.foundation is None and self.preloading():
-            ctx.report(0.0, "waiting for the default foundation model (loading in the background)")
-            preloaded = self.wait_for_preload(ctx.check)
+        if self.foundation is None:
+            preloaded = self.await_preload(ctx)
             if self.foundation is None and preloaded is not None:
                 return preloaded
         if self.foundation is not None:
