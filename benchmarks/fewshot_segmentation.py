@@ -154,7 +154,7 @@ def run(method, vol: Volume, brushes) -> dict:
         mask = np.asarray(result.classes) == 2
         inst = result.instances
         row.update(candidate=fit["candidate"], diameter=fit["object_diameter_voxels"],
-                   zoom=fit["scale_factor"])
+                   zoom=fit["scale_factor"], validation=fit.get("validation") or {})
     else:
         classes = method.predict(vol.image)
         mask = np.asarray(getattr(classes, "classes", classes)) == 2
@@ -204,6 +204,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 extra = (f" [{row['candidate']}, D {row['diameter']:.1f} vox, zoom "
                          f"{row['zoom']:.2f}]" if "candidate" in row else "")
+                if row.get("validation"):
+                    extra += " held-out strokes: " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in row["validation"].items())
                 print(f"  {column:15s} {name:36s} {method:22s} dice {row['dice']:.3f} "
                       f"f1 {row['f1']:.3f} train {row['train_s']:.1f}s{extra}", flush=True)
     print()

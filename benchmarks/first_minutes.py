@@ -104,6 +104,46 @@ class Ticker:
         return sorted(found, key=lambda g: -g[1])[:n]
 
 
+class GapTracer:
+    """(``--trace-gaps``) A thread sampling every other thread's Python stack every 5 ms;
+    when the UI thread could not run for ``limit`` s (no sample is possible either while
+    one thread holds the GIL), prints the stacks seen just before and just after."""
+
+    def __init__(self, limit: float = 0.1) -> None:
+        import threading
+
+        self.limit, self.stop = limit, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _stacks() -> dict[int, str]:
+        import threading
+        import traceback
+
+        me = threading.get_ident()
+        out = {}
+        for ident, frame in sys._current_frames().items():
+            if ident == me:
+                continue
+            st = traceback.extract_stack(frame)[-6:][::-1]
+            out[ident] = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}"
+                                    for f in st)
+        return out
+
+    def _run(self) -> None:
+        last, before = time.perf_counter(), {}
+        while not self.stop:
+            time.sleep(0.005)
+            now, cur = time.perf_counter(), self._stacks()
+            if now - last > self.limit:
+                print(f"GAP {1000 * (now - last):.0f} ms", file=sys.stderr)
+                for ident in cur:
+                    print(f"   thread {ident}\n     before {before.get(ident, '-')}\n"
+                          f"     after  {cur[ident]}", file=sys.stderr)
+            last, before = now, cur
+
+
 def run_loop(until, timeout: float) -> None:
     """Run a plain Qt event loop until ``until()`` is true (checked every 10 ms)."""
     from qtpy.QtCore import QEventLoop, QTimer
@@ -225,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", choices=["train", "deblur"], default="train",
                         help="the first model action, clicked right after the widgets open")
     parser.add_argument("--steps", type=int, default=STEPS, help="quick-mode training steps")
+    parser.add_argument("--trace-gaps", action="store_true",
+                        help="print every thread's stack around each gap over 100 ms (stderr)")
     args = parser.parse_args(argv)
     from napari_lsmfm.io import write_volume
     from napari_lsmfm.synth.samples import SAMPLE_DIR, load_sample
@@ -246,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     cli_info, _ = run_cli(["info"])
     cli_fit = float(seg_summary.get("fit", {}).get("seconds", float("nan")))
 
+    tracer = GapTracer() if args.trace_gaps else None
     got = viewer_session(args.first, strokes, args.steps)
+    if tracer is not None:
+        tracer.stop = True
     print("\n| step (viewer) | wall s | worst stall ms |\n|---|---:|---:|")
     print(f"| start napari | {got['times'].pop('viewer'):.2f} | |")
     for name, secs in got["times"].items():

@@ -226,6 +226,7 @@ class SegmentWidget(TaskWidget):
             self.segmenter = segmenter
             self._segmenter_key = None
             self.share_foundation(segmenter.foundation)  # every widget shows it loaded
+            self.slot.share_task_model("segment", segmenter)
             self.mode_combo.setCurrentText(segmenter.config.mode)
             self.say(f"Loaded a {segmenter.config.mode} model for classes "
                      f"{list(segmenter.classes)}. Press Predict.")
@@ -258,6 +259,8 @@ class SegmentWidget(TaskWidget):
     def _on_trained(self, image: Any, foundation: Any, fit: Any, result: Any, *,
                     brushes: Any = None) -> None:
         self.share_foundation(foundation)
+        if self.current_model() is not None:  # the review widget corrects with it
+            self.slot.share_task_model("segment", self.segmenter, image.name)
         parts = [] if fit is None else [fit_summary(fit)]
         if result is not None:
             self.show_result(image, result)

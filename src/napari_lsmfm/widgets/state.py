@@ -116,6 +116,7 @@ class FoundationSlot:
 
     changed = Signal(object)
     preload_changed = Signal(str)
+    task_model_changed = Signal(str)  # the task whose fitted model changed
 
     def __init__(self) -> None:
         self.foundation: Any = None
@@ -123,6 +124,17 @@ class FoundationSlot:
         self.preload: Preload | None = None
         self.preload_seconds: float | None = None
         self.users = 0  # open widgets of the viewer
+        self.task_models: dict[str, tuple[Any, str]] = {}  # task -> (model, image name)
+
+    def share_task_model(self, task: str, model: Any, image_name: str = "") -> None:
+        """A widget fitted or loaded ``model`` for ``task`` ("segment", ...) on the image
+        layer ``image_name``: other widgets of the viewer (review) can use it."""
+        self.task_models[task] = (model, image_name)
+        self.task_model_changed.emit(task)
+
+    def task_model(self, task: str) -> tuple[Any, str]:
+        """(model, image name) last shared for ``task``; (None, "") when none."""
+        return self.task_models.get(task, (None, ""))
 
     def set(self, foundation: Any) -> None:
         self.foundation = foundation

@@ -68,6 +68,8 @@ class Segmenter:
         self.quick_features = QuickFeatures(foundation, config) if config.mode == "quick" else None
         self.candidate: str | None = None  # quick mode: the model chosen (.candidates)
         self.refinement: PriorShift | None = None  # quick mode: the prior shift (.refine)
+        self.strokes: SparseLabels | None = None  # the last fit's (sampled) strokes and
+        self.strokes_image: tuple | None = None  # the image_key of the image they were on
         self._companion: QuickFeatures | None = None
         self._cache = FeatureCache()
         self._ranges: dict[tuple, tuple[float, float]] = {}
@@ -155,6 +157,7 @@ class Segmenter:
         if self.config.mode == "quick":
             sparse = sparse.subsample(self.config.max_samples, self.config.seed)
             report = self._record(fit_quick(self, image, sparse, irange, ctx))
+            self.strokes, self.strokes_image = sparse, key
         else:
             report = self._record(fit_full(self, image, sparse, irange, ctx))
         if warnings:
