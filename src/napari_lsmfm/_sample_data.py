@@ -1,11 +1,14 @@
 """napari sample data: the shipped synthetic light-sheet volumes with ground truth.
 
 Each function returns napari LayerData tuples (image, then labels), read from the
-package's ``sample_data/``. No napari or Qt import here.
+package's ``sample_data/``. No napari or Qt import here. Opening a sample is often the
+plugin's first command, so it starts the background warm-up of torch and MONAI
+(:func:`napari_lsmfm.engine.libs.warm_up`).
 """
 
 from __future__ import annotations
 
+from .engine.libs import warm_up
 from .synth.samples import SAMPLE_DIR, load_sample
 
 _DESCRIPTION = {
@@ -16,6 +19,7 @@ _DESCRIPTION = {
 
 
 def _layers(kind: str) -> list[tuple]:
+    warm_up()
     image, labels, voxel_size = load_sample(kind)
     metadata = {
         "source": "napari-lsmfm synthetic light-sheet sample",

@@ -23,3 +23,23 @@ def test_torch_libraries_open_before_import_and_torch_works():
                           timeout=180)
     assert done.returncode == 0, done.stderr
     assert "libtorch_cpu.so" in done.stdout.split()
+
+
+WARM = (
+    "import os, sys\n"
+    "from napari_lsmfm.engine.libs import warm_up\n"
+    "os.environ['LSMFM_NO_PRELOAD'] = '1'\n"
+    "assert warm_up() is None  # off\n"
+    "os.environ['LSMFM_NO_PRELOAD'] = '0'\n"
+    "thread = warm_up()\n"
+    "assert thread is not None and warm_up() is None  # once per process\n"
+    "thread.join(120)\n"
+    "print(*(m in sys.modules for m in ('torch', 'torch._dynamo', 'monai', 'transformers')))\n"
+)
+
+
+def test_warm_up_imports_torch_monai_and_the_training_parts_once():
+    done = subprocess.run([sys.executable, "-c", WARM], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True", "False"]

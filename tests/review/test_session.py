@@ -241,3 +241,49 @@ def test_scores_before_and_after_review():
     assert out["after"]["dice"] == 1.0
     with pytest.raises(ReviewError, match="ground truth"):
         s.scores(truth[:4])
+
+
+def test_paint_grows_trims_and_adds_objects_exactly(tmp_path):
+    lab = three_boxes()
+    state = tmp_path / "x.lsmfm-review.json"
+    s = ReviewSession(lab, state_path=state)
+    box = (slice(2, 6), slice(2, 10), slice(2, 10))
+    painted = np.asarray(s.labels[box]).copy()
+    painted[:, 6:8, 0:6] = 1  # object 1 grows by 4 x 2 x 6 = 48 voxels (into free space)
+    painted[:, 0, 0] = 0  # and loses a column of 4
+    s.paint(box, painted)
+    want = lab.copy()
+    want[2:6, 8:10, 2:8] = 1
+    want[2:6, 2, 2] = 0
+    np.testing.assert_array_equal(s.labels, want)
+    assert s.record(1).voxels == 144 + 48 - 4 and s.record(1).status == "corrected"
+    assert s.history[-1]["op"] == "paint"
+    tl = s.training_labels()
+    as_class = {tuple(c) for c, v in zip(tl.coords, tl.values, strict=True) if v == 2}
+    as_background = {tuple(c) for c, v in zip(tl.coords, tl.values, strict=True) if v == 1}
+    assert {(z, 2, 2) for z in range(2, 6)} <= as_background
+    assert {(3, 9, 5), (5, 8, 2)} <= as_class
+    new = np.zeros((2, 3, 3), lab.dtype) + 9  # a new object, painted where nothing was
+    s.paint((slice(0, 2), slice(15, 18), slice(25, 28)), new)
+    assert s.record(9).voxels == 18 and s.record(9).cls == 2
+    again = ReviewSession(lab, state_path=state)  # saved: reopened as painted
+    np.testing.assert_array_equal(again.labels, s.labels)
+    assert again.record(9).voxels == 18
+    assert s.undo() and s.undo()
+    np.testing.assert_array_equal(s.labels, lab)
+
+
+def test_paint_refusals_change_nothing():
+    lab = three_boxes()
+    s = ReviewSession(lab)
+    box = (slice(2, 6), slice(2, 10), slice(2, 10))
+    same = np.asarray(s.labels[box]).copy()
+    for bad, words in ((same, "nothing was painted"), (same[:2], "shape"),
+                       (same.astype(np.float32) + 0.5, "integers"),
+                       (same.astype(np.int32) - 5, "negative")):
+        with pytest.raises(ReviewError, match=words):
+            s.paint(box, bad)
+    with pytest.raises(ReviewError, match="three slices"):
+        s.paint("everything", same)
+    np.testing.assert_array_equal(s.labels, lab)
+    assert not s.history

@@ -9,8 +9,9 @@ from qtpy.QtWidgets import QApplication
 
 import napari_lsmfm.model as model
 from napari_lsmfm.engine.jobs import Cancelled
+from napari_lsmfm.engine.libs import PRELOAD_ENV
 from napari_lsmfm.model import checkpoints
-from napari_lsmfm.widgets.state import PRELOAD_ENV, FoundationSlot, foundation_slot
+from napari_lsmfm.widgets.state import FoundationSlot, foundation_slot
 
 pytestmark = pytest.mark.gui
 

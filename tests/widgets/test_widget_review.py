@@ -398,3 +398,47 @@ def test_state_goes_next_to_the_image_file(make_napari_viewer, qtbot, tmp_path):
     state = ReviewSession.default_state_path(path)
     assert state.parent == tmp_path and state.is_file()
     assert widget.session.state_path == state
+
+
+def test_painting_on_the_reviewed_layer_is_a_decision(make_napari_viewer, qtbot, tmp_path):
+    """napari's brush on the reviewed layer goes through the session: recorded, undoable,
+    saved and training labels; the prediction layer stays as it was."""
+    viewer, widget = open_review(make_napari_viewer, qtbot, tmp_path)
+    layer, session = widget.layer, widget.session
+    original = np.asarray(viewer.layers["img instances"].data).copy()
+    before = np.asarray(layer.data).copy()
+    layer.brush_size = 3
+    layer.paint((6, 10, 16), 1)  # object 1 grows towards x = 16 on plane 6
+    qtbot.waitUntil(lambda: bool(session.history), timeout=5_000)
+    after = np.asarray(layer.data).copy()
+    grown = (after == 1) & (before != 1)
+    assert grown.any() and grown[6].sum() == grown.sum()
+    assert session.history[-1]["op"] == "paint"
+    assert session.record(1).status == "corrected"
+    assert session.record(1).voxels == int((after == 1).sum())
+    coords, values = session.training_labels().coords, session.training_labels().values
+    painted = {tuple(c) for c, v in zip(coords, values, strict=True) if v == 2}
+    assert {tuple(int(i) for i in p) for p in np.argwhere(grown)} <= painted
+    np.testing.assert_array_equal(viewer.layers["img instances"].data, original)
+    widget.undo()
+    np.testing.assert_array_equal(layer.data, before)
+    widget.redo()
+    np.testing.assert_array_equal(layer.data, after)
+
+
+def test_split_along_a_drawn_line(make_napari_viewer, qtbot, tmp_path):
+    """A line in the "split line" Shapes layer cuts the selected object along it."""
+    viewer, widget = open_review(make_napari_viewer, qtbot, tmp_path)
+    before = np.asarray(widget.layer.data).copy()
+    # across object 3 at x = 15 (between its blobs), in world coordinates (z scaled 2x)
+    viewer.add_shapes([np.array([[12.0, 18.0, 15.0], [12.0, 40.0, 15.0]])],
+                      shape_type="line", name="split line")
+    widget.select(3)
+    widget.split()
+    after = np.asarray(widget.layer.data)
+    parts = [int(v) for v in np.unique(after[before == 3]) if v]
+    assert len(parts) == 2 and 3 in parts, widget.status.text()
+    left = after[6, 29, 9]  # each blob's centre ends in one part
+    right = after[6, 29, 21]
+    assert {int(left), int(right)} == set(parts)
+    np.testing.assert_array_equal(after[before != 3], before[before != 3])

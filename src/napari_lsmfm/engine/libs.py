@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import sys
+import threading
 from pathlib import Path
 
-__all__ = ["import_quietly", "load_torch_libraries"]
+__all__ = ["PRELOAD_ENV", "import_quietly", "load_torch_libraries", "preload_enabled", "warm_up"]
 
 _RTLD_NOW = 0x2  # as torch's own import: local symbols, resolved now
 _BIG = ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libtorch_python.so")
@@ -53,3 +55,45 @@ def import_quietly(module: str):  # noqa: ANN201 (a module)
 
     load_torch_libraries()
     return importlib.import_module(module)
+
+
+PRELOAD_ENV = "LSMFM_NO_PRELOAD"  # set to anything but "" / "0": no background loading
+_WARMING: list[threading.Thread] = []
+
+
+def preload_enabled() -> bool:
+    """False when ``LSMFM_NO_PRELOAD`` is set to anything but "" / "0"."""
+    return os.environ.get(PRELOAD_ENV, "").strip() in ("", "0")
+
+
+def warm_up() -> threading.Thread | None:
+    """Import in a background thread, once per process, what the first model action
+    needs: torch (its libraries opened without the GIL), MONAI (without transformers)
+    and the parts of torch the first training step imports (``torch._dynamo``, 2 s
+    here). The plugin calls it from its first command (a sample, a file opened with its
+    reader, a widget), so that the imports' unavoidable GIL holds (torch's C extension
+    initialising, 0.25-0.3 s at once) fall while the user looks at the data, not while
+    a model loads or trains. Returns the thread, None when one ran already or
+    background loading is off (``LSMFM_NO_PRELOAD``)."""
+    if _WARMING or not preload_enabled():
+        return None
+
+    def run() -> None:
+        try:
+            load_torch_libraries()
+            import torch
+
+            weight = torch.zeros(1, requires_grad=True)  # a first optimiser step imports
+            (weight * 2).sum().backward()  # torch's compiler stack (2 s): done here
+            torch.optim.Adam([weight]).step()
+
+            from napari_lsmfm.model.monai_import import import_monai
+
+            import_monai()
+        except Exception:  # noqa: BLE001 (best effort: the real import reports errors)
+            pass
+
+    thread = threading.Thread(target=run, name="napari-lsmfm warm-up", daemon=True)
+    _WARMING.append(thread)
+    thread.start()
+    return thread

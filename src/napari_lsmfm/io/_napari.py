@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_lsmfm.engine.libs import warm_up
+
 from .volume import TIFF_SUFFIXES, ZARR_SUFFIXES, open_volume
 from .write import volume_stem, write_volume
 
@@ -41,6 +43,7 @@ def read_volume_layers(path: str | os.PathLike | list) -> list[LayerData]:
     """
     if isinstance(path, list | tuple):
         path = path[0]
+    warm_up()  # the plugin's first command, often: torch and MONAI load in the background
     vol = open_volume(path)
     levels = vol.metadata.get("multiscale_levels") or [vol.data]
     stem = volume_stem(Path(os.fspath(path).rstrip("/\\")))

@@ -14,7 +14,7 @@ from .history import Change
 from .objects import Box, ObjectRecord, ObjectTable, ReviewError, as_numpy, box_union
 from .working import Placed
 
-__all__ = ["check_id", "click_change", "rows_of", "split_change"]
+__all__ = ["check_id", "click_change", "paint_change", "rows_of", "split_change"]
 
 
 def rows_of(table: ObjectTable, after: np.ndarray, box: Box, ids: Sequence[int],
@@ -88,3 +88,44 @@ def click_change(session: Any, point: Sequence[float], positive: bool, corrector
                     rows_before={target: old}, rows_after=rows, samples=samples, point=p,
                     positive=positive)
     return change, region
+
+
+def paint_change(session: Any, box: Any, painted: Any) -> Change:
+    """The change of labels painted by hand (see ReviewSession.paint): ``painted`` are
+    the labels of ``box`` (three slices) as the expert left them."""
+    box = training.check_box(box, session.shape)
+    painted = np.asarray(painted)
+    current = as_numpy(session.labels, box)
+    if painted.shape != current.shape:
+        raise ReviewError(f"the painted labels have shape {painted.shape}, the box "
+                          f"{current.shape}; pass the labels of the box that was painted")
+    if painted.dtype.kind not in "ui" and not (painted.dtype.kind == "b"):
+        raise ReviewError(f"painted labels must be integers, got {painted.dtype}")
+    if painted.size and int(painted.min()) < 0:
+        raise ReviewError("painted labels must not be negative (0 = background)")
+    changed = painted != current
+    if not changed.any():
+        raise ReviewError("nothing was painted: the labels are as they were")
+    touched = np.union1d(np.unique(current[changed]), np.unique(painted[changed]))
+    ids = [int(i) for i in touched if i]
+    check_id(max(ids, default=0), current.dtype)
+    whole = box_union(box, *(session.objects[i].bbox for i in ids if i in session.objects))
+    before = as_numpy(session.labels, whole)
+    after = before.copy()
+    inner = tuple(slice(b.start - w.start, b.stop - w.start)
+                  for b, w in zip(box, whole, strict=True))
+    after[inner] = np.where(changed, painted, current).astype(before.dtype)
+    old = {i: session.objects.get(i) for i in ids}
+    rows: dict[int, ObjectRecord | None] = {}
+    for i in ids:
+        cls = old[i].cls if old[i] is not None else 2
+        rows.update(rows_of(session.table, after, whole, [i], "corrected", cls))
+    values = np.where(painted[changed] > 0, 0, training.BACKGROUND).astype(np.int64)
+    for i in ids:  # a painted voxel trains as its object's class
+        rec = rows.get(i) or old.get(i)
+        if rec is not None:
+            values[painted[changed] == i] = rec.cls
+    coords = np.argwhere(changed).astype(np.int64) + [s.start for s in box]
+    keep = values > 0
+    return Change("paint", ids, box=whole, before=before, after=after, rows_before=old,
+                  rows_after=rows, samples=(coords[keep], values[keep]))

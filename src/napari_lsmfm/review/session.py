@@ -200,6 +200,13 @@ class ReviewSession:
         self._commit(change)
         return region
 
+    def paint(self, box: Sequence[slice], painted: Any) -> None:
+        """Labels corrected by hand: ``painted`` are the labels of ``box`` (three slices)
+        as the expert left them (0 = background, an object's id, or a new id). Undoable
+        and saved like every decision; the painted voxels become training labels (their
+        object's class, or background)."""
+        self._commit(decisions.paint_change(self, box, painted))
+
     def _apply(self, box: Box | None, data: np.ndarray | None, rows: Mapping) -> None:
         if box is not None:
             self._work.write(box, data)

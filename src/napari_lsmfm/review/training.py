@@ -13,8 +13,8 @@ from napari_lsmfm.tasks.segment.labels import BACKGROUND, SparseLabels
 
 from .objects import Box, ObjectRecord, ReviewError, as_numpy, iter_blocks
 
-__all__ = ["PER_OBJECT", "check_region", "click_samples", "ranked", "rescore", "retrain",
-           "sample_voxels", "scores", "training_labels"]
+__all__ = ["PER_OBJECT", "check_box", "check_region", "click_samples", "ranked", "rescore",
+           "retrain", "sample_voxels", "scores", "training_labels"]
 
 PER_OBJECT = 2000  # training voxels kept per object or decision
 _SORT_KEYS = ("confidence", "uncertainty", "voxels", "volume_um3", "id", "cls", "status")
@@ -59,6 +59,19 @@ def click_samples(before: np.ndarray, after: np.ndarray, box: Box, point: Sequen
     coords, values = sample_voxels(before != after, box, value, seed=seed)
     return (np.concatenate([coords, np.asarray([point], np.int64)]),
             np.concatenate([values, [value]]))
+
+
+def check_box(box: Any, shape: Sequence[int]) -> Box:
+    """``box`` (three slices) with plain bounds; ReviewError unless it is a non-empty box
+    inside a volume of ``shape``."""
+    try:
+        out = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, shape, strict=True))
+    except (TypeError, AttributeError, ValueError):
+        raise ReviewError(f"a box is three slices (z, y, x), got {box!r}") from None
+    if any(s.stop <= s.start for s in out):
+        raise ReviewError(f"the box {box!r} is empty inside the volume of shape "
+                          f"{tuple(shape)}")
+    return out  # type: ignore[return-value]
 
 
 def check_region(region: Any, mask: Any, point: Sequence[int], shape: Sequence[int]) -> Box:

@@ -29,8 +29,10 @@ from napari_lsmfm.widgets.review_inputs import (
     KEYS,
     PredictionCombo,
     bind_keys,
+    follow_paint,
     session_inputs,
     source_file,
+    split_stroke,
 )
 from napari_lsmfm.widgets.review_table import ObjectTable
 from napari_lsmfm.widgets.review_tools import ReviewTools
@@ -69,6 +71,8 @@ class ReviewWidget(TaskWidget):
             ("redo", "Redo"), ("previous_object", "◀ Previous (P)"),
             ("next_object", "Next (N) ▶"))}
         self.buttons = buttons
+        buttons["split"].setToolTip("along the last line drawn in a Shapes layer named "
+                                    "'split line', else into 'parts' by a seeded watershed")
         buttons["undo"].setToolTip("Ctrl+Z")
         buttons["redo"].setToolTip("Ctrl+Shift+Z")
         self.tools = ReviewTools(self)
@@ -137,6 +141,7 @@ class ReviewWidget(TaskWidget):
             scale=prediction.scale[-3:], translate=prediction.translate[-3:])
         prediction.visible = False  # hidden, not changed: the reviewed layer is on top
         bind_keys(self.layer, self)
+        follow_paint(self.layer, self)
         self.tools.opened(session, image)
         self.table.clear_objects()
         self.table.sync(session)
@@ -228,10 +233,10 @@ class ReviewWidget(TaskWidget):
         self.pending_merge = None
         self.decide("merge", a, b, said=f"Merged {b} into {a}.")
 
-    def split(self) -> None:
-        n = int(self.seeds_spin.value()) or None
+    def split(self) -> None:  # along the "split line" Shapes layer's last line, if any
+        n, stroke = int(self.seeds_spin.value()) or None, split_stroke(self.viewer, self.layer)
         if (oid := self._one("split")) is not None:
-            self.decide("split", oid, n=n, said=f"Split {oid} into {{out}}.")
+            self.decide("split", oid, n=n, stroke=stroke, said=f"Split {oid} into {{out}}.")
 
     def undo(self) -> None:
         if self._ready():

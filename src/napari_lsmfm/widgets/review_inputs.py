@@ -14,6 +14,7 @@ import weakref
 from typing import Any
 
 import numpy as np
+from qtpy.QtCore import QTimer
 
 from napari_lsmfm.widgets.parts import LayerCombo, image_data
 
@@ -127,3 +128,93 @@ def click_callback(tools: Any) -> Any:
 
     on_press.review_clicks = True
     return on_press
+
+
+def painted_box(data: Any, atoms: Any) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The box a napari paint event (``atoms``: its ``value``, napari's undo atoms, done
+    by the brush, the fill or the eraser) changed in ``data``, and that box's labels
+    before the paint. ValueError for atoms of an unknown kind."""
+    boxes = []
+    for atom in atoms:
+        if hasattr(atom, "slice_key"):  # a masked atom: a box and the old values in it
+            boxes.append(tuple(slice(s.start, s.stop) for s in atom.slice_key))
+        elif isinstance(atom, tuple) and len(atom) == 3:  # (indices, old values, new)
+            idx = [np.asarray(i) for i in atom[0]]
+            if idx[0].size:
+                boxes.append(tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx))
+        else:
+            raise ValueError(f"unknown paint record {type(atom).__name__}")
+    if not boxes:
+        raise ValueError("nothing was painted")
+    box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes))
+                for a in range(len(boxes[0])))
+    before = np.asarray(data[box]).copy()
+    for atom in reversed(list(atoms)):  # undo the atoms on the copy, newest first
+        if hasattr(atom, "slice_key"):
+            inner = tuple(slice(s.start - b.start, s.stop - b.start)
+                          for s, b in zip(atom.slice_key, box, strict=True))
+            if atom.mask is None:
+                before[inner] = atom.old_values
+            else:
+                view = before[inner]
+                view[atom.mask] = atom.old_values
+        else:
+            idx = tuple(np.asarray(i) - b.start for i, b in zip(atom[0], box, strict=True))
+            before[idx] = atom[1]
+    return box, before
+
+
+def follow_paint(layer: Any, widget: Any) -> None:
+    """Painting on the reviewed layer (napari's brush, fill, eraser) becomes a review
+    decision (``ReviewSession.paint``): undoable, saved, and training labels."""
+    owner = weakref.ref(widget)
+
+    def on_paint(event: Any) -> None:
+        w = owner()
+        if w is None or w.session is None or w.layer is not layer:
+            return
+        try:
+            box, before = painted_box(layer.data, event.value)
+        except ValueError:
+            return
+        # napari sends the event before it writes a single brush dab: read it next turn
+        QTimer.singleShot(0, lambda: record(w, box, before))
+
+    def record(w: Any, box: tuple[slice, ...], before: np.ndarray) -> None:
+        if w.session is None or w.layer is not layer:
+            return
+        after = np.asarray(layer.data[box]).copy()
+        if np.array_equal(after, before):
+            return
+        layer.data[box] = before  # as it was: the session writes the painted labels
+        w.decide("paint", box, after, said="Painted correction recorded (undo: Ctrl+Z).")
+
+    layer.events.paint.connect(on_paint)
+
+
+SPLIT_LINE = "split line"  # a Shapes layer: its last line or path cuts the selected object
+
+
+def split_stroke(viewer: Any, labels_layer: Any) -> np.ndarray | None:
+    """The voxels (N, 3) of the last line or path drawn in the "split line" Shapes layer,
+    in the labels' data coordinates, one per voxel along each segment; None when there
+    is no such layer or shape (the split is then a seeded watershed)."""
+    if SPLIT_LINE not in viewer.layers:
+        return None
+    from napari.layers import Shapes
+
+    shapes = viewer.layers[SPLIT_LINE]
+    if not isinstance(shapes, Shapes) or not len(shapes.data):
+        return None
+    kinds = list(shapes.shape_type)
+    lines = [i for i, k in enumerate(kinds) if k in ("line", "path")]
+    if not lines:
+        return None
+    vertices = np.asarray(shapes.data[lines[-1]], np.float64)
+    pts = np.asarray([labels_layer.world_to_data(shapes.data_to_world(v)) for v in vertices],
+                     np.float64)[:, -3:]
+    out = [pts[:1]]
+    for a, b in zip(pts[:-1], pts[1:], strict=True):
+        n = max(2, int(np.ceil(np.abs(b - a).max())) + 1)
+        out.append(a + (b - a) * np.linspace(0, 1, n)[:, None])
+    return np.round(np.concatenate(out)).astype(np.int64)

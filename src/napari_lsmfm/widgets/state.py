@@ -12,7 +12,6 @@ dropped) when the last widget of the viewer closes.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -22,23 +21,18 @@ from typing import Any
 from psygnal import Signal
 
 from napari_lsmfm.engine.jobs import Cancelled
-
-PRELOAD_ENV = "LSMFM_NO_PRELOAD"
+from napari_lsmfm.engine.libs import preload_enabled
 
 Post = Callable[[Callable[[], None]], None]  # runs a function on the UI thread, later
-
-
-def preload_enabled() -> bool:
-    """False when ``LSMFM_NO_PRELOAD`` is set to anything but "" / "0"."""
-    return os.environ.get(PRELOAD_ENV, "").strip() in ("", "0")
 
 
 def default_loader(device: str) -> Callable[[Callable[[float, str], None] | None], Any]:
     """``load(progress)``: the embedded default foundation model, loaded on ``device``."""
 
     def load(progress: Callable[[float, str], None] | None) -> Any:
-        from napari_lsmfm.engine.libs import load_torch_libraries
+        from napari_lsmfm.engine.libs import load_torch_libraries, warm_up
 
+        warm_up()  # torch's training parts too, in parallel (a no-op when it ran)
         load_torch_libraries()  # without the GIL: the viewer keeps drawing meanwhile
         from napari_lsmfm.model import load_foundation
 
