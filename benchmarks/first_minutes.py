@@ -166,7 +166,7 @@ def spin(seconds: float) -> None:
     run_loop(lambda: time.monotonic() >= deadline, seconds + 5)
 
 
-def viewer_session(first: str, strokes: np.ndarray, steps: int) -> dict:
+def viewer_session(first: str, strokes: np.ndarray, steps: int, think: float = 0.0) -> dict:
     import napari
 
     from napari_lsmfm.widgets.state import foundation_slot
@@ -202,6 +202,8 @@ def viewer_session(first: str, strokes: np.ndarray, steps: int) -> dict:
     step("brush layer", lambda: viewer.add_labels(
         strokes, name="nuclei brushes", scale=image.scale),
         lambda: True)
+    if think:  # a user looking at the data before opening the plugin's widgets
+        spin(think)
     out["torch_before_docking"] = "torch" in sys.modules
     out["monai_before_docking"] = "monai" in sys.modules
 
@@ -265,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", choices=["train", "deblur"], default="train",
                         help="the first model action, clicked right after the widgets open")
     parser.add_argument("--steps", type=int, default=STEPS, help="quick-mode training steps")
+    parser.add_argument("--think", type=float, default=0.0,
+                        help="seconds between the brush layer and docking the widgets (0: "
+                             "at once, the reported run)")
     parser.add_argument("--trace-gaps", action="store_true",
                         help="print every thread's stack around each gap over 100 ms (stderr)")
     args = parser.parse_args(argv)
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# first minutes: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, "
           f"strokes: {int((strokes == 2).sum())} class 2, {int((strokes == 1).sum())} class 1 "
-          f"voxels on z = 16, 32; {args.steps} steps")
+          f"voxels on z = 16, 32; {args.steps} steps; {args.think:g} s before docking")
     cli_seg, seg_summary = run_cli(["segment", str(nuclei), "--labels", str(brushes),
                                     "--out", str(work / "seg.tif"), "--steps", str(args.steps),
                                     "--voxel-size", vs, "--overwrite"])
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_fit = float(seg_summary.get("fit", {}).get("seconds", float("nan")))
 
     tracer = GapTracer() if args.trace_gaps else None
-    got = viewer_session(args.first, strokes, args.steps)
+    got = viewer_session(args.first, strokes, args.steps, args.think)
     if tracer is not None:
         tracer.stop = True
     print("\n| step (viewer) | wall s | worst stall ms |\n|---|---:|---:|")

@@ -442,3 +442,23 @@ def test_split_along_a_drawn_line(make_napari_viewer, qtbot, tmp_path):
     right = after[6, 29, 21]
     assert {int(left), int(right)} == set(parts)
     np.testing.assert_array_equal(after[before != 3], before[before != 3])
+
+
+def test_prediction_box_follows_a_prediction_made_after_it_opened(make_napari_viewer):
+    """Docked before segmenting: the box moves to the segmentation, then the instances,
+    once they appear (not staying on the ground truth), unless the user picked a layer."""
+    image, labels, _, _ = scene()
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="img")
+    viewer.add_labels(labels, name="img ground truth")
+    viewer.add_labels(np.zeros_like(labels), name="img brushes")
+    _, widget = viewer.window.add_plugin_dock_widget(plugin_name="napari-lsmfm",
+                                                     widget_name="Review predictions")
+    viewer.add_labels(labels, name="img segmentation")
+    assert widget.prediction_combo.currentText() == "img segmentation"
+    viewer.add_labels(labels, name="img instances")
+    assert widget.prediction_combo.currentText() == "img instances"
+    widget.prediction_combo.setCurrentText("img segmentation")
+    widget.prediction_combo.activated.emit(widget.prediction_combo.currentIndex())  # a pick
+    viewer.add_labels(labels, name="other instances")
+    assert widget.prediction_combo.currentText() == "img segmentation"

@@ -72,14 +72,36 @@ def session_inputs(viewer: Any, prediction: Any, image: Any) -> dict:
 
 
 class PredictionCombo(OptionalLayerCombo):
-    """The Labels layers to review; "{image} instances" of the chosen image by default."""
+    """The Labels layers to review: "{image} instances" of the chosen image by default,
+    else the newest "... instances" or "... segmentation" layer, never a ground truth,
+    brush or reviewed layer first. Until the user picks one, the choice follows new
+    layers (a prediction made after the widget opened)."""
 
     optional = False
     preferred = ""
+    NOT_FIRST = re.compile(r"ground truth|brush|reviewed|truth$", re.IGNORECASE)
+
+    def __init__(self, viewer: Any, layer_type: str) -> None:
+        self.chosen = False  # the user picked a layer: keep it
+        super().__init__(viewer, layer_type)
+        self.activated.connect(lambda *_: setattr(self, "chosen", True))
 
     def _default(self, names: list[str]) -> int:
-        return names.index(self.preferred) if self.preferred in names else super()._default(
-            names)
+        if self.preferred in names:
+            return names.index(self.preferred)
+        for suffix in (" instances", " segmentation"):
+            hits = [i for i, n in enumerate(names) if n.endswith(suffix)]
+            if hits:
+                return hits[-1]
+        plain = [i for i, n in enumerate(names) if not self.NOT_FIRST.search(n)]
+        return plain[0] if plain else super()._default(names)
+
+    def refresh(self, *_: Any) -> None:
+        super().refresh()
+        names = self._names()
+        best = self._default(names)
+        if not self.chosen and best >= 0 and self.currentText() != names[best]:
+            self.setCurrentIndex(best)
 
 
 def source_file(layer: Any) -> str | None:
