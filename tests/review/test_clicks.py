@@ -171,3 +171,16 @@ def test_simulate_click_without_thick_errors_and_without_errors():
     assert simulate_click(pred, truth, rng) == ((3, 5, 5), True)
     with pytest.raises(ValueError, match="shape"):
         simulate_click(pred[:3], truth, rng)
+
+
+def test_an_undone_click_no_longer_conditions_the_next_one(trained):
+    session = session_of(trained)
+    obj = max(session.objects.values(), key=lambda r: r.voxels)
+    point = tuple(int(round(c)) for c in obj.centroid)
+    corrector = ClickCorrector(trained["seg"], trained["vol"].image, radius=1)
+    session.click(point, False, corrector)
+    assert session.undo()
+    other = (point[0], min(point[1] + 2, SHAPE[1] - 1), point[2])
+    session.click(other, False, corrector)
+    assert [p for p, _ in corrector.clicks] == [other]  # the undone click is gone
+    assert session.clicks == [(other, False)]

@@ -462,3 +462,18 @@ def test_prediction_box_follows_a_prediction_made_after_it_opened(make_napari_vi
     widget.prediction_combo.activated.emit(widget.prediction_combo.currentIndex())  # a pick
     viewer.add_labels(labels, name="other instances")
     assert widget.prediction_combo.currentText() == "img segmentation"
+
+
+def test_review_keys_are_bound_on_the_reviewed_layer(make_napari_viewer, qtbot, tmp_path):
+    """The canvas keys (the reviewed layer active) call the same decisions as the dock."""
+    from napari.utils.key_bindings import KeyBinding
+
+    viewer, widget = open_review(make_napari_viewer, qtbot, tmp_path)
+    keymap = widget.layer.keymap
+    for key in ("A", "R", "S", "Ctrl+Z", "Ctrl+Shift+Z"):
+        assert KeyBinding.from_str(key) in keymap, key
+    widget.select(2)
+    keymap[KeyBinding.from_str("R")](widget.layer)  # what napari calls on the key press
+    assert status_of(widget, 2) != "" and 2 not in np.unique(widget.layer.data)
+    keymap[KeyBinding.from_str("Ctrl+Z")](widget.layer)
+    assert 2 in np.unique(widget.layer.data)

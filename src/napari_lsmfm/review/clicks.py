@@ -113,6 +113,8 @@ class ClickCorrector:
         cls = self._object_class(session, obj)
         region = self._box(p, self.reach or self._reach_of(near, obj))
         self._sync()
+        if session is not None:
+            self._forget_undone(session.clicks)
         self._add_click(p, cls if positive else 1)
         base = self.segmenter.predict(self.image, region=region, probabilities="float32",
                                       uncertainty=False).probabilities
@@ -133,6 +135,18 @@ class ClickCorrector:
             if zone is not None:
                 mask = zone
         return region, mask
+
+    def _forget_undone(self, live: Sequence[tuple[Sequence[int], bool]]) -> None:
+        """Drop the clicks the session no longer has in force (undone)."""
+        left = [(tuple(int(c) for c in p), bool(pos)) for p, pos in live]
+        keep = []
+        for i, (p, value) in enumerate(self.clicks):
+            if (p, value != 1) in left:
+                left.remove((p, value != 1))
+                keep.append(i)
+        if len(keep) != len(self.clicks):
+            self.clicks = [self.clicks[i] for i in keep]
+            self._click_parts = [self._click_parts[i] for i in keep]
 
     def reset(self) -> None:
         """Forget every click (the model's own prediction again)."""
