@@ -287,3 +287,22 @@ def test_paint_refusals_change_nothing():
         s.paint("everything", same)
     np.testing.assert_array_equal(s.labels, lab)
     assert not s.history
+
+
+def test_undo_and_redo_after_a_rescore_show_the_new_confidences():
+    lab = three_boxes()
+    old = np.where(lab > 0, 0.6, 0.1).astype(np.float32)[None]
+    s = ReviewSession(lab, probabilities=old, channel_values=(2,))
+    assert s.record(1).confidence == pytest.approx(0.6)
+    s.reject(1)
+    s.accept(2)
+    new = np.where(lab > 0, 0.9, 0.1).astype(np.float32)[None]
+    s.rescore(new, (2,))
+    assert s.record(2).confidence == pytest.approx(0.9)
+    assert s.undo() and s.undo()  # the acceptance, then the rejection
+    assert s.record(1).confidence == pytest.approx(0.9)  # not the 0.6 of before
+    assert s.record(2).confidence == pytest.approx(0.9) and s.record(2).status == "pending"
+    assert s.redo()
+    assert s.record(1).status == "rejected"
+    assert s.redo()
+    assert s.record(2).confidence == pytest.approx(0.9) and s.record(2).status == "accepted"

@@ -201,10 +201,8 @@ class ReviewSession:
         return region
 
     def paint(self, box: Sequence[slice], painted: Any) -> None:
-        """Labels corrected by hand: ``painted`` are the labels of ``box`` (three slices)
-        as the expert left them (0 = background, an object's id, or a new id). Undoable
-        and saved like every decision; the painted voxels become training labels (their
-        object's class, or background)."""
+        """Labels corrected by hand: ``painted``, the labels of ``box`` (three slices) as
+        the expert left them (0, an object's id or a new one); its voxels train as painted."""
         self._commit(decisions.paint_change(self, box, painted))
 
     def _apply(self, box: Box | None, data: np.ndarray | None, rows: Mapping) -> None:
@@ -236,7 +234,8 @@ class ReviewSession:
         change = self._undo.pop_undo()
         if change is None:
             return False
-        self._apply(change.box, change.before, change.rows_before)
+        self._apply(change.box, change.before,
+                    training.current_scores(self, change.rows_before, change.box, change.before))
         self._applied -= 1
         self.version += 1
         self._autosave()
@@ -247,7 +246,8 @@ class ReviewSession:
         change = self._undo.pop_redo()
         if change is None:
             return False
-        self._apply(change.box, change.after, change.rows_after)
+        self._apply(change.box, change.after,
+                    training.current_scores(self, change.rows_after, change.box, change.after))
         self._applied += 1
         self.version += 1
         self._autosave()
@@ -277,7 +277,8 @@ class ReviewSession:
         for i, entry in enumerate(entries):
             change = self._state.read_patch(entry)
             if i < applied:
-                self._apply(change.box, change.after, change.rows_after)
+                self._apply(change.box, change.after, training.current_scores(
+                    self, change.rows_after, change.box, change.after))
                 self._undo.push(change)  # keeps the newest within the budget
             else:
                 undone.append(change)

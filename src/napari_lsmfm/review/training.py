@@ -12,9 +12,10 @@ from napari_lsmfm.tasks.instance_metrics import match_objects
 from napari_lsmfm.tasks.segment.labels import BACKGROUND, SparseLabels
 
 from .objects import Box, ObjectRecord, ReviewError, as_numpy, iter_blocks
+from .working import Placed
 
-__all__ = ["PER_OBJECT", "check_box", "check_region", "click_samples", "ranked", "rescore",
-           "retrain", "sample_voxels", "scores", "training_labels"]
+__all__ = ["PER_OBJECT", "check_box", "check_region", "click_samples", "current_scores",
+           "ranked", "rescore", "retrain", "sample_voxels", "scores", "training_labels"]
 
 PER_OBJECT = 2000  # training voxels kept per object or decision
 _SORT_KEYS = ("confidence", "uncertainty", "voxels", "volume_um3", "id", "cls", "status")
@@ -160,6 +161,21 @@ def rescore(session: Any, probabilities: Any, channel_values: Sequence[int],
         new = fresh.get(oid)
         session.objects[oid] = rec.copy(confidence=None if new is None else new.confidence,
                                         uncertainty=None if new is None else new.uncertainty)
+
+
+def current_scores(session: Any, rows: dict, box: Any, data: Any) -> dict:
+    """``rows`` (id -> ObjectRecord or None) of a decision being undone, redone or
+    replayed, with the confidence and uncertainty the session's maps give now (a rescore
+    after the decision changed them). ``data``: the labels of ``box`` being applied (the
+    box holds each object whole); None / no box: the rows' objects as they are now."""
+    out = {}
+    found = ({} if box is None or data is None
+             else session.table.scan(Placed(np.asarray(data), box), box, list(rows)))
+    for i, rec in rows.items():
+        now = found.get(i) if box is not None else session.objects.get(i)
+        out[i] = rec if rec is None or now is None else rec.copy(
+            confidence=now.confidence, uncertainty=now.uncertainty)
+    return out
 
 
 def retrain(session: Any, segmenter: Any, image: Any, strokes: Any, ctx: Any) -> dict:
