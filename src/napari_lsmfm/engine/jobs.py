@@ -129,10 +129,13 @@ def terminal_progress(prefix: str = "") -> Callable[[Update], None]:
 
 class Span:
     """A job context seen through a [start, stop] part of its parent's progress: a step
-    of a longer job reports its own 0..1 and the parent's bar moves within the part."""
+    of a longer job reports its own 0..1 and the parent's bar moves within the part.
+    ``values=False`` drops the step values (a loss) on the way: for side fits whose
+    curve is not the one the user watches."""
 
-    def __init__(self, ctx: Any, start: float, stop: float) -> None:
+    def __init__(self, ctx: Any, start: float, stop: float, *, values: bool = True) -> None:
         self.ctx, self.start, self.stop = ctx, float(start), float(stop)
+        self.values = bool(values)
 
     @property
     def cancelled(self) -> bool:
@@ -144,9 +147,9 @@ class Span:
     def report(self, fraction: float | None, message: str = "", **values: Any) -> None:
         if fraction is not None:
             fraction = self.start + (self.stop - self.start) * float(fraction)
-        self.ctx.report(fraction, message, **values)
+        self.ctx.report(fraction, message, **(values if self.values else {}))
 
 
-def span(ctx: Any, start: float, stop: float) -> Span | None:
+def span(ctx: Any, start: float, stop: float, *, values: bool = True) -> Span | None:
     """``ctx`` narrowed to the [start, stop] part of its progress (None stays None)."""
-    return None if ctx is None else Span(ctx, start, stop)
+    return None if ctx is None else Span(ctx, start, stop, values=values)

@@ -128,13 +128,12 @@ class ClickCorrector:
             steps=self.steps, seed=len(self.clicks))
         shape = tuple(s.stop - s.start for s in region)
         local = tuple(c - s.start for c, s in zip(p, region, strict=True))
-        mask = self._region_mask(region, shape, feats, base, cls)
         if self.wand is not None and session is not None:
             prob = base[:, self.segmenter.channel_values.index(cls)].reshape(shape)
             zone = self._wand(np.asarray(session.labels[region]), prob, local, obj, positive)
-            if zone is not None:
-                mask = zone
-        return region, mask
+            if zone is not None:  # the conditioned model's mask is not needed then
+                return region, zone
+        return region, self._region_mask(region, shape, feats, base, cls)
 
     def _forget_undone(self, live: Sequence[tuple[Sequence[int], bool]]) -> None:
         """Drop the clicks the session no longer has in force (undone)."""

@@ -99,7 +99,7 @@ def paint_change(session: Any, box: Any, painted: Any) -> Change:
     if painted.shape != current.shape:
         raise ReviewError(f"the painted labels have shape {painted.shape}, the box "
                           f"{current.shape}; pass the labels of the box that was painted")
-    if painted.dtype.kind not in "ui" and not (painted.dtype.kind == "b"):
+    if painted.dtype.kind not in "uib":
         raise ReviewError(f"painted labels must be integers, got {painted.dtype}")
     if painted.size and int(painted.min()) < 0:
         raise ReviewError("painted labels must not be negative (0 = background)")
@@ -114,12 +114,10 @@ def paint_change(session: Any, box: Any, painted: Any) -> Change:
     after = before.copy()
     inner = tuple(slice(b.start - w.start, b.stop - w.start)
                   for b, w in zip(box, whole, strict=True))
-    after[inner] = np.where(changed, painted, current).astype(before.dtype)
+    after[inner] = painted.astype(before.dtype)  # equal to the labels where not changed
     old = {i: session.objects.get(i) for i in ids}
-    rows: dict[int, ObjectRecord | None] = {}
-    for i in ids:
-        cls = old[i].cls if old[i] is not None else 2
-        rows.update(rows_of(session.table, after, whole, [i], "corrected", cls))
+    rows = {i: None if rec is None else rec.copy(cls=old[i].cls if old[i] is not None else 2)
+            for i, rec in rows_of(session.table, after, whole, ids, "corrected", None).items()}
     values = np.where(painted[changed] > 0, 0, training.BACKGROUND).astype(np.int64)
     for i in ids:  # a painted voxel trains as its object's class
         rec = rows.get(i) or old.get(i)

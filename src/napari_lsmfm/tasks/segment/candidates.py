@@ -139,24 +139,6 @@ def fit_candidate(name: str, config: Any, samples: np.ndarray, targets: np.ndarr
     return fit_head(config, samples, targets, n_out, start, device, ctx, steps=steps)
 
 
-class _Quiet:
-    """A job context for validation fits: progress and cancel pass, step values do not
-    (the live loss curve belongs to the final fit)."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-
-    @property
-    def cancelled(self) -> bool:
-        return bool(getattr(self.ctx, "cancelled", False))
-
-    def check(self) -> None:
-        self.ctx.check()
-
-    def report(self, fraction: float | None, message: str = "", **_values: Any) -> None:
-        self.ctx.report(fraction, message)
-
-
 def choose_candidate(config: Any, samples: np.ndarray, targets: np.ndarray, coords: np.ndarray,
                      n_out: int, n_foundation: int, device: torch.device, ctx: Any = None
                      ) -> tuple[str, dict[str, float]]:
@@ -170,7 +152,7 @@ def choose_candidate(config: Any, samples: np.ndarray, targets: np.ndarray, coor
     if not folds:
         return ("foundation" if n_foundation > 0 else "filters"), {}
     steps = max(20, config.n_steps // 3)
-    quiet = _Quiet(ctx) if ctx is not None else None
+    quiet = span(ctx, 0.0, 1.0, values=False)  # the live loss curve is the final fit's
     scores: dict[str, float] = {}
     n_jobs = len(names) * len(folds)
     try:
