@@ -10,6 +10,7 @@ Building the parser imports neither torch nor monai: each task imports them when
     lsmfm info [WEIGHTS] [--check]              # describe foundation weights (JSON)
     lsmfm segment IMAGE --labels BRUSHES --out OUT.tif
     lsmfm deblur IMAGE --out OUT.tif
+    lsmfm predict MODEL IMAGE --out OUT.zarr    # whole volumes block by block, resumable, dask
     lsmfm train-deblur --out MODEL --steps N    # the shipped deblur model, retrained
     lsmfm pretrain DATA --out WEIGHTS           # or: torchrun ... -m napari_lsmfm.cli pretrain
 """
@@ -79,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_info)
 
     # Each task's module adds its subcommand(s); importing one does not import the others.
-    from . import classify, deblur, pretrain, segment
+    from . import classify, deblur, predict, pretrain, segment
 
     segment.add_parser(sub)
     deblur.add_parser(sub)
     deblur.add_train_parser(sub)
     pretrain.add_parser(sub)
     classify.add_parser(sub)
+    predict.add_parser(sub)
     return parser
 
 

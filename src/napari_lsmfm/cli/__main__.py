@@ -2,4 +2,5 @@
 
 from napari_lsmfm.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not again in the worker processes dask.distributed spawns
+    raise SystemExit(main())

@@ -242,7 +242,8 @@ class Segmenter:
     def predict(self, image: Any, ctx: Any = None, *, region: Sequence[slice] | None = None,
                 out: Any = None, probabilities: bool | str = True, uncertainty: bool = True,
                 instances: bool | Sequence[int] = False,
-                roi: Sequence[slice] | None = None) -> SegmentationResult:
+                roi: Sequence[slice] | None = None,
+                intensity_range: tuple[float, float] | None = None) -> SegmentationResult:
         """Segment ``image`` (or its ``region``) with the trained model.
 
         Args:
@@ -258,6 +259,8 @@ class Segmenter:
             uncertainty: compute the normalised-entropy map.
             instances: True for every class, or the class values to split into objects
                 (blob-like classes); computed in memory from the class map.
+            intensity_range: fixes the normalisation (low, high), e.g. that of a whole
+                volume when ``image`` is one block of it (default: ``image``'s own).
 
         Returns:
             A :class:`SegmentationResult`; its ``stats["warnings"]`` says when the image
@@ -277,7 +280,8 @@ class Segmenter:
         writer = ResultWriter(shape, self.channel_values, out, probabilities, uncertainty)
         stats = {"voxels": int(math.prod(shape))}
         t0 = time.perf_counter()
-        irange = self._intensity_range(image, key)
+        irange = (tuple(float(v) for v in intensity_range) if intensity_range is not None
+                  else self._intensity_range(image, key))
         warnings = flat_image_warnings(irange, ctx)
         if warnings:
             stats["warnings"] = warnings
