@@ -6,48 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from napari_lsmfm.engine.jobs import Cancelled, JobContext
 from napari_lsmfm.io import open_volume
 from napari_lsmfm.io.output import partial_info
-from napari_lsmfm.model import Foundation, FoundationSpec
-from napari_lsmfm.model.saved import save_foundation
 from napari_lsmfm.scale import predict_volume
 from napari_lsmfm.scale.run import choose_plan
 from napari_lsmfm.scale.tasks import windows_of
-from napari_lsmfm.tasks.segment import Segmenter
-
-TILE = (16, 32, 32)
-
-
-def _image(shape=(40, 90, 100), seed=0, empty_half=False):
-    rng = np.random.default_rng(seed)
-    image = rng.normal(100, 8, shape).astype(np.float32)
-    for z, y, x in [(10, 20, 20), (20, 45, 50), (30, 70, 80), (20, 48, 96), (8, 80, 10)]:
-        image[max(0, z - 4):z + 4, max(0, y - 6):y + 6, max(0, x - 6):x + 6] += 80
-    if empty_half:
-        image[:, :, shape[2] // 2:] = 0.0  # air: a constant dark background
-    return image
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny foundation and a quick segmentation model trained on it, both saved."""
-    root = tmp_path_factory.mktemp("scale")
-    torch.manual_seed(0)
-    fm = Foundation(FoundationSpec("unet", embed_dim=8, channels=(8, 16), strides=(2,),
-                                   num_res_units=0, variant="image_only"))
-    save_foundation(fm, root / "fm")
-    image = _image()
-    brushes = np.zeros(image.shape, np.uint8)
-    brushes[20, 41:49, 46:54] = 2
-    brushes[20, :6, :6] = 1
-    seg = Segmenter(fm, steps=20, seed=0, tile=TILE, candidate="foundation")
-    seg.fit(image, brushes)
-    seg.save(root / "seg")
-    return root, seg, image
 
 
 def _run(saved, out, **kw):
@@ -104,8 +70,8 @@ def test_an_interrupted_run_resumes_and_ends_equal(saved, tmp_path):
     assert partial_info(tmp_path / "cut.zarr") is None
 
 
-def test_empty_blocks_skip_the_network(saved, tmp_path):
-    image = _image(empty_half=True)
+def test_empty_blocks_skip_the_network(saved, tmp_path, make_image):
+    image = make_image(empty_half=True)
     every = _run(saved, tmp_path / "all.zarr", image=image)
     some = _run(saved, tmp_path / "skip.zarr", image=image, skip_empty=True)
     assert some["skipped"] >= some["blocks"] // 3 and every["skipped"] == 0

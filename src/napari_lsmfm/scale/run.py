@@ -31,9 +31,10 @@ from .cluster import cluster_client, dask_executor, local_executor, worker_devic
 from .foreground import Foreground, overview
 from .tasks import adapter_for, windows_of
 
-__all__ = ["BLOCK_STEPS", "BlockJob", "choose_plan", "predict_volume", "run_block"]
+__all__ = ["BLOCK_STEPS", "BlockJob", "choose_plan", "context", "predict_volume", "run_block"]
 
 BLOCK_STEPS = (4, 4, 4)  # window steps per block and axis: (192, 384, 384) for 64 x 128 x 128
+BLOCK_VOXELS = 2**25  # 33 M voxels: the block, its halo and its outputs stay well under 1 GB
 CHUNK_VOXELS = (64, 256, 256)  # the largest output chunk wanted per axis
 BLOCK_BYTES = 2**28  # the tiled engine's per-block buffers inside one block
 
@@ -43,8 +44,14 @@ def choose_plan(shape: Sequence[int], step: Sequence[int],
     """The blocks (whole window steps; ``block`` is rounded up to them) and the output
     chunks (whole divisors of a block, at most :data:`CHUNK_VOXELS` where a step allows)."""
     shape = tuple(int(s) for s in shape)
-    if block is None:
+    if block is None:  # four steps per axis, fewer where the block would pass BLOCK_VOXELS
         counts = list(BLOCK_STEPS)
+        while math.prod(c * s for c, s in zip(counts, step, strict=True)) > BLOCK_VOXELS:
+            a = int(np.argmax([c * s if c > 1 else 0 for c, s in zip(counts, step,
+                                                                    strict=True)]))
+            if counts[a] == 1:
+                break
+            counts[a] -= 1
     else:
         counts = [max(1, math.ceil(int(b) / s)) for b, s in zip(block, step, strict=True)]
     sizes = [c * s for c, s in zip(counts, step, strict=True)]
@@ -127,6 +134,22 @@ def _image(job: BlockJob) -> Any:
     return _IMAGES[key]
 
 
+def context(ext: Sequence[slice], tile: Sequence[int], shape: Sequence[int]
+            ) -> tuple[slice, ...]:
+    """``ext`` grown towards the volume's inside to at least a window per axis, so a thin
+    last block of an axis is still seen through whole windows (as in one prediction of the
+    whole volume), not through windows clipped to the block."""
+    grown = []
+    for s, t, n in zip(ext, tile, shape, strict=True):
+        need = min(int(t), int(n)) - (s.stop - s.start)
+        start, stop = s.start, s.stop
+        if need > 0:
+            stop = min(n, stop + need)
+            start = max(0, stop - min(int(t), int(n)))
+        grown.append(slice(start, stop))
+    return tuple(grown)
+
+
 def run_block(job: BlockJob, index: int) -> dict[str, Any]:
     """Predict (or skip) block ``index`` of ``job`` and record it finished; returns
     {"index", "skipped", "seconds", "peak"}. Runs on any worker."""
@@ -135,8 +158,8 @@ def run_block(job: BlockJob, index: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     adapter = _adapter(job)
     image = _image(job)
-    ext = job.plan.expanded(index, job.halo)
     box = job.plan.box(index)
+    ext = context(job.plan.expanded(index, job.halo), adapter.tile, job.plan.shape)
     core = tuple(slice(b.start - e.start, b.stop - e.start) for b, e in zip(box, ext, strict=True))
     region = image[ext]
     compute = getattr(region, "compute", None)
