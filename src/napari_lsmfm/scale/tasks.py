@@ -18,6 +18,10 @@ import numpy as np
 __all__ = ["BlockAdapter", "adapter_for", "windows_of"]
 
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
+# Each voxel from the window it is most central in: a block of whole window steps with
+# its halo is then covered by windows that each run once, with no accumulator (memory),
+# and the result does not depend on where the blocks are cut.
+BLEND = "crop"
 
 
 class BlockAdapter:
@@ -73,8 +77,9 @@ class SegmentBlocks(BlockAdapter):
             raise ValueError(f"probability dtype must be one of {PROBABILITY_DTYPES}, "
                              f"got {prob_dtype!r}")
         self.prob_dtype = prob_dtype
-        # stream features window by window: a whole-block cache would only cost memory
-        model.config.cache_bytes = 0
+        # quick mode: the head in every window, only probabilities stitched (full mode
+        # predicts probabilities window by window already)
+        self.blend = BLEND if model.config.mode == "quick" else None
 
     def intensity_range(self, sample: np.ndarray) -> tuple[float, float]:
         return self.model.foundation.intensity_range(sample)
@@ -92,7 +97,7 @@ class SegmentBlocks(BlockAdapter):
     def predict(self, block, irange, core, wanted, ctx=None):
         result = self.model.predict(
             block, ctx, probabilities=self.prob_dtype if "probabilities" in wanted else False,
-            uncertainty=False, intensity_range=irange)
+            uncertainty=False, intensity_range=irange, blend=self.blend)
         found = {"classes": np.asarray(result.classes)[core]}
         if "probabilities" in wanted:
             found["probabilities"] = np.asarray(result.probabilities)[(slice(None), *core)]
@@ -133,7 +138,7 @@ class DeblurBlocks(BlockAdapter):
             np.empty(0, image_dtype))))}
 
     def predict(self, block, irange, core, wanted, ctx=None):
-        result = self.model.predict(block, ctx, intensity_range=irange)
+        result = self.model.predict(block, ctx, intensity_range=irange, blend=BLEND)
         return {"image": np.asarray(result.data)[core]}
 
     def empty(self, block, core, outputs):

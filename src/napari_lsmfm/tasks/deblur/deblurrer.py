@@ -231,7 +231,8 @@ class Deblurrer:
 
     def predict(self, image: Any, ctx: Any = None, *, region: Any = None, out: Any = None,
                 intensity_range: tuple[float, float] | None = None,
-                psf_sigma: Sequence[float] | None = None) -> DeblurResult:
+                psf_sigma: Sequence[float] | None = None, blend: str = "gaussian"
+                ) -> DeblurResult:
         """Deblur a (Z, Y, X) numpy, dask or zarr volume, window by window.
 
         Returns a :class:`~.result.DeblurResult` whose ``data`` is ``out`` (a numpy or
@@ -243,7 +244,9 @@ class Deblurrer:
         image). ``ctx``: progress per window; cancel raises ``Cancelled``. ``psf_sigma``:
         the PSF's Gaussian sigmas (z, y, x) in voxels when known; a PSF-conditioned model
         (``config.psf_condition``) then deblurs for that PSF, otherwise blind; a blind
-        model ignores it.
+        model ignores it. ``blend``: how overlapping windows are stitched: "gaussian"
+        (seamless) or "crop" (each voxel from the window it is most central in: no
+        accumulator and no window twice; block-wise prediction uses it).
         """
         t0 = time.perf_counter()
         if psf_sigma is not None:
@@ -271,7 +274,7 @@ class Deblurrer:
         with_smaller_tiles(
             lambda tile: predict_tiled(
                 self.window_fn(irange, psf_sigma), image, out_channels=1, tile=tile,
-                overlap=cfg.overlap, blend="gaussian", sink=sink,
+                overlap=cfg.overlap, blend=blend, sink=sink,
                 max_block_bytes=cfg.block_bytes, ctx=ctx, message="deblurring",
                 align=cfg.unshuffle,
             ),

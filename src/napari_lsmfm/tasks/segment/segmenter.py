@@ -35,6 +35,7 @@ from .labels import SparseLabels, class_dtype
 from .quick import classify_cached, classify_windows, head_decay
 from .refine import PriorShift, apply_offsets
 from .result import ResultWriter, SegmentationResult, class_instances, instance_classes
+from .windows import classify_each_window
 
 __all__ = ["Segmenter"]
 
@@ -243,7 +244,8 @@ class Segmenter:
                 out: Any = None, probabilities: bool | str = True, uncertainty: bool = True,
                 instances: bool | Sequence[int] = False,
                 roi: Sequence[slice] | None = None,
-                intensity_range: tuple[float, float] | None = None) -> SegmentationResult:
+                intensity_range: tuple[float, float] | None = None,
+                blend: str | None = None) -> SegmentationResult:
         """Segment ``image`` (or its ``region``) with the trained model.
 
         Args:
@@ -261,6 +263,10 @@ class Segmenter:
                 (blob-like classes); computed in memory from the class map.
             intensity_range: fixes the normalisation (low, high), e.g. that of a whole
                 volume when ``image`` is one block of it (default: ``image``'s own).
+            blend: quick mode: None blends the features of overlapping windows (exact);
+                "crop" or "gaussian" runs the head in every window and stitches the
+                probabilities that way (:mod:`.windows`: light on memory, no window
+                twice with "crop"; the whole-volume feature cache is not used).
 
         Returns:
             A :class:`SegmentationResult`; its ``stats["warnings"]`` says when the image
@@ -287,7 +293,7 @@ class Segmenter:
             stats["warnings"] = warnings
         pred_ctx = span(ctx, 0.0, 0.9 if instances else 1.0)
         if self.config.mode == "quick":
-            self._predict_quick(image, irange, box, writer, pred_ctx)
+            self._predict_quick(image, irange, box, writer, pred_ctx, blend)
             stats["refine"] = dict(self.refinement or {"method": "none"})
         else:
             predict_full(self.net, self.anchor, self.config, image, irange, box, writer, pred_ctx)
@@ -306,12 +312,16 @@ class Segmenter:
         return writer.result(self.channel_values, instances=inst,
                              region=None if region is None else box, stats=stats)
 
-    def _predict_quick(self, image, irange, region, write, ctx) -> None:
+    def _predict_quick(self, image, irange, region, write, ctx, blend=None) -> None:
         device = self.foundation.device
         head = self.head.to(device).eval()
         offsets = self.refinement.offsets if self.refinement is not None else None
         if offsets is not None:  # the class mix of the volume, not of the strokes
             write = _shifted(write, offsets)
+        if blend is not None:
+            classify_each_window(head, self.quick_features, self.config, image, irange,
+                                 region, write, device, ctx, blend=blend)
+            return
         cached = self.features(image, span(ctx, 0.0, 0.9))
         if cached is not None:
             classify_cached(head, cached, region, write, device, ctx)
