@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,7 @@ def predict_tiled(
     progress: tuple[float, float] = (0.0, 1.0),
     message: str = "predicting",
     align: int = 1,
+    overlap_io: bool = True,
 ) -> Any:
     """Run ``fn`` over a (Z, Y, X) volume window by window and stitch the outputs.
 
@@ -246,49 +248,110 @@ def predict_tiled(
     total = sum(len(w) for _, w in plan)
     weights = gaussian_weights(grid.tile, sigma_scale) if blend == "gaussian" else None
     runner = _Runner(fn, batch_size, grid.tile)
-    done = 0
     ctx = span(ctx, *progress)
     if ctx is not None:
         ctx.report(0.0, f"{message}: 0/{total} tiles", tile=0, tiles=total)
-    for box, origins in plan:
-        b_lo = [i[0] for i in box]
-        b_hi = [i[1] for i in box]
-        bshape = tuple(b - a for a, b in zip(b_lo, b_hi, strict=True))
-        if direct:
-            values = out
-            values[...] = 0
-        else:
-            values = np.zeros((channels, *bshape), np.float32)
-        wsum = None if crop else _weight_sum(origins, grid, b_lo, b_hi, weights)
-        # read the hull of this block's windows once (one dask compute per block)
-        h_lo = [min(o[a] for o in origins) for a in range(3)]
-        h_hi = [max(o[a] for o in origins) + grid.tile[a] for a in range(3)]
-        hull = _read(volume, h_lo, h_hi)
-        i = 0
-        while i < len(origins):  # the batch may shrink on the way (out of memory)
-            batch = origins[i : i + runner.batch_size]
-            i += len(batch)
-            windows = np.stack([hull[_window_slices(o, h_lo, grid.tile)] for o in batch])[:, None]
-            outputs = runner(windows)
-            if outputs.shape[1] != channels:
-                raise ValueError(
-                    f"the window function returned {outputs.shape[1]} channels, "
-                    f"expected {channels}"
-                )
-            for o, y in zip(batch, outputs, strict=True):
-                _accumulate(values, wsum, y, o, grid, b_lo, b_hi, weights, crop)
-            done += len(batch)
-            if ctx is not None:
-                frac = done / max(total, 1)
-                ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
-        if direct:
-            continue
-        rel = tuple(slice(a - r, b - r) for a, b, r in zip(b_lo, b_hi, lo, strict=True))
-        if sink is not None:
-            sink(rel, values)
-        else:
-            out[(slice(None), *rel)] = values.astype(out.dtype, copy=False)
+    with _Pipeline(volume, grid, overlap_io) as pipe:
+        done = 0
+        pipe.read_ahead(plan[0][1])
+        for k, (box, origins) in enumerate(plan):
+            b_lo = [i[0] for i in box]
+            b_hi = [i[1] for i in box]
+            bshape = tuple(b - a for a, b in zip(b_lo, b_hi, strict=True))
+            if direct:
+                values = out
+                values[...] = 0
+            else:
+                values = np.zeros((channels, *bshape), np.float32)
+            wsum = None if crop else _weight_sum(origins, grid, b_lo, b_hi, weights)
+            # the hull of this block's windows, read once (one dask compute per block);
+            # the next block's is read meanwhile
+            h_lo, hull = pipe.hull()
+            if k + 1 < len(plan):
+                pipe.read_ahead(plan[k + 1][1])
+            i = 0
+            while i < len(origins):  # the batch may shrink on the way (out of memory)
+                batch = origins[i : i + runner.batch_size]
+                i += len(batch)
+                windows = np.stack([hull[_window_slices(o, h_lo, grid.tile)] for o in batch])
+                outputs = runner(windows[:, None])
+                if outputs.shape[1] != channels:
+                    raise ValueError(
+                        f"the window function returned {outputs.shape[1]} channels, "
+                        f"expected {channels}"
+                    )
+                # blended in a thread while the next batch runs (in the order run: the
+                # sums are those of a sequential loop, bit for bit)
+                pipe.accumulate(values, wsum, outputs, batch, b_lo, b_hi, weights, crop)
+                done += len(batch)
+                if ctx is not None:
+                    frac = done / max(total, 1)
+                    ctx.report(frac, f"{message}: {done}/{total} tiles", tile=done, tiles=total)
+            pipe.wait()
+            if direct:
+                continue
+            rel = tuple(slice(a - r, b - r) for a, b, r in zip(b_lo, b_hi, lo, strict=True))
+            if sink is not None:
+                sink(rel, values)
+            else:
+                out[(slice(None), *rel)] = values.astype(out.dtype, copy=False)
     return out if sink is None else None
+
+
+class _Pipeline:
+    """Reading of block hulls and blending of window outputs in two background threads
+    (or inline when ``threaded`` is False), so they overlap the window function: on a
+    GPU the device never waits for the host, and zarr / dask reads overlap compute."""
+
+    def __init__(self, volume: Any, grid: TileGrid, threaded: bool) -> None:
+        self.volume, self.grid, self.threaded = volume, grid, bool(threaded)
+        self.reader = ThreadPoolExecutor(1, "tiled-read") if self.threaded else None
+        self.blender = ThreadPoolExecutor(1, "tiled-blend") if self.threaded else None
+        self.next_hull: Any = None
+        self.pending: list[Future] = []
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:  # nothing may still write into the output once the call has returned
+            for future in self.pending:
+                future.exception()
+        finally:
+            for pool in (self.reader, self.blender):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_hull(self, origins) -> tuple[list[int], np.ndarray]:
+        h_lo = [min(o[a] for o in origins) for a in range(3)]
+        h_hi = [max(o[a] for o in origins) + self.grid.tile[a] for a in range(3)]
+        return h_lo, _read(self.volume, h_lo, h_hi)
+
+    def read_ahead(self, origins) -> None:
+        self.next_hull = (self.reader.submit(self._read_hull, origins) if self.threaded
+                          else origins)
+
+    def hull(self) -> tuple[list[int], np.ndarray]:
+        if self.threaded:
+            return self.next_hull.result()
+        return self._read_hull(self.next_hull)
+
+    def accumulate(self, values, wsum, outputs, batch, b_lo, b_hi, weights, crop) -> None:
+        def work() -> None:
+            for o, y in zip(batch, outputs, strict=True):
+                _accumulate(values, wsum, y, o, self.grid, b_lo, b_hi, weights, crop)
+
+        if not self.threaded:
+            work()
+            return
+        # one batch blending while the next runs: raise a failure, bound the memory
+        self.wait(keep=0)
+        self.pending.append(self.blender.submit(work))
+
+    def wait(self, keep: int = 0) -> None:
+        """Wait for all but ``keep`` of the blends in flight (raising their errors)."""
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
 
 
 def _window_slices(origin, offset, tile) -> tuple[slice, ...]:

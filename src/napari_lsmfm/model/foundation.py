@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_lsmfm.engine import accel
 from napari_lsmfm.engine.device import amp_dtype, resolve_device
 
 from . import backbones
@@ -372,12 +373,30 @@ class Foundation(nn.Module):
             x = x.float()
         return x.to(self.device, non_blocking=True)
 
-    def run_backbone(self, x: torch.Tensor) -> torch.Tensor:
+    def _inference_autocast(self):
+        if accel.current_settings().precision == "auto":
+            return self._autocast()
+        return accel.autocast_context(self.device)
+
+    def run_backbone(self, x: torch.Tensor, *, compile: bool | None = None) -> torch.Tensor:
         """The backbone on an already prepared (B, C, D, H, W) tensor on this device: padded
-        to ``size_multiple``, under autocast, cropped back; float32 dense features."""
+        to ``size_multiple``, under autocast, cropped back; float32 dense features.
+
+        Without autograd (inference) the backbone runs as :func:`~napari_lsmfm.engine.
+        accel.prepare_module` prepares it (channels-last on the CPU: about 1.5 x faster,
+        equal to float rounding; optionally compiled, ``compile``: None = the settings')
+        and under the settings' precision; the features may then come channels-last."""
         size = x.shape[2:]
-        with self._autocast():
-            dense = self.backbone(_pad_to_multiple(x, self.size_multiple))
+        x = _pad_to_multiple(x, self.size_multiple)
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            with self._autocast():
+                dense = self.backbone(x)
+        else:
+            device = self.device
+            net = accel.prepare_module(self.backbone, device, compile=compile)
+            x = accel.to_memory_format(x, accel.use_channels_last(device))
+            with self._inference_autocast():
+                dense = net(x)
         return _crop(dense, size).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -405,8 +424,8 @@ class Foundation(nn.Module):
         hooks = [
             m.register_forward_hook(keep) for m in backbones.encoder_taps(self.backbone, self.spec)
         ]
-        try:
-            dense = self.run_backbone(x)
+        try:  # never compiled: the hooks read the encoder levels
+            dense = self.run_backbone(x, compile=False)
         finally:
             for hook in hooks:
                 hook.remove()

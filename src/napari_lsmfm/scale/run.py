@@ -34,9 +34,9 @@ from .tasks import adapter_for, windows_of
 __all__ = ["BLOCK_STEPS", "BlockJob", "choose_plan", "context", "predict_volume", "run_block"]
 
 BLOCK_STEPS = (4, 4, 4)  # window steps per block and axis: (192, 384, 384) for 64 x 128 x 128
-BLOCK_VOXELS = 2**25  # 33 M voxels: the block, its halo and its outputs stay well under 1 GB
-CHUNK_VOXELS = (64, 256, 256)  # the largest output chunk wanted per axis
-BLOCK_BYTES = 2**28  # the tiled engine's per-block buffers inside one block
+BLOCK_VOXELS = 2**24  # 17 M voxels: the block, its halo and its outputs stay small
+CHUNK_VOXELS = (64, 320, 320)  # the largest output chunk wanted per axis
+BLOCK_BYTES = 2**26  # the tiled engine's buffers inside one block (crop: no window twice)
 
 
 def choose_plan(shape: Sequence[int], step: Sequence[int],

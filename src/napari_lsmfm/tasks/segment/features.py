@@ -10,6 +10,7 @@ by window with the tiled engine; a whole volume's features are kept as float16 i
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,14 @@ from napari_lsmfm.engine.device import with_smaller_tiles
 from napari_lsmfm.engine.store import foundation_fingerprint
 from napari_lsmfm.engine.tiled import predict_points, predict_tiled
 from napari_lsmfm.model.foundation import normalize_window
-from napari_lsmfm.tasks.filters import filter_bank, n_channels
+from napari_lsmfm.tasks.filters import filter_bank, filter_bank_numpy, n_channels
 
 __all__ = ["DEFAULT_SIGMAS", "FeatureCache", "QuickFeatures", "image_key", "point_features",
            "volume_features"]
 
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0)  # before a fit has measured the objects (:mod:`.scale`)
+# runs the foundation beside scipy's filters (torch releases the GIL, scipy does not)
+_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="quick-foundation")
 
 
 class QuickFeatures:
@@ -85,17 +88,42 @@ class QuickFeatures:
                 "multiple": self.foundation.size_multiple}
 
     def window_fn(self, intensity_range: tuple[float, float]):
-        """fn(windows (B, 1, z, y, x) raw float32) -> features (B, C, z, y, x) torch."""
+        """fn(windows (B, 1, z, y, x) raw float32) -> features (B, C, z, y, x) torch.
+
+        On the CPU the foundation runs in a second thread while scipy's filters (which
+        hold the GIL, on one core) run in this one, and both write straight into the
+        output (no concatenation copies): the same values as one after the other."""
 
         def fn(windows: np.ndarray) -> torch.Tensor:
             x = torch.from_numpy(normalize_window(windows, intensity_range, "segmenting"))
             x = x.to(self.foundation.device)
-            with torch.inference_mode():
-                parts = self.foundation_features(x) if self.levels else []
-                parts.append(filter_bank(x, self.sigmas, self.spacing))
-                return torch.cat(parts, 1)
+            if x.device.type != "cpu":
+                with torch.inference_mode():
+                    parts = self.foundation_features(x) if self.levels else []
+                    parts.append(filter_bank(x, self.sigmas, self.spacing))
+                    return torch.cat(parts, 1)
+            out = torch.empty((x.shape[0], self.channels, *x.shape[2:]), dtype=torch.float32)
+            nf = self.foundation_channels
+            running = _BACKGROUND.submit(self._foundation_into, x, out) if self.levels else None
+            try:
+                for b in range(x.shape[0]):  # scipy, as filter_bank does on the CPU
+                    bank = filter_bank_numpy(x[b, 0].numpy(), self.sigmas, self.spacing)
+                    out[b, nf:] = torch.from_numpy(bank)
+            finally:
+                if running is not None:
+                    running.result()
+            return out
 
         return fn
+
+    def _foundation_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The foundation's levels of ``x``, written into the first channels of ``out``
+        (inference mode is per thread: entered here)."""
+        with torch.inference_mode():
+            c = 0
+            for f in self.foundation_features(x):
+                out[:, c : c + f.shape[1]] = f
+                c += f.shape[1]
 
     def foundation_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The foundation's levels of normalised windows ``x`` (B, 1, z, y, x), at

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_lsmfm.engine.device import with_smaller_tiles
+from napari_lsmfm.engine.accel import suggest_batch_size
+from napari_lsmfm.engine.device import window_bytes, with_smaller_tiles
 from napari_lsmfm.engine.tiled import predict_tiled
 from napari_lsmfm.engine.train import FitReport, TrainLoop
 from napari_lsmfm.tasks.heads import VoxelHead
 
 __all__ = ["class_weights", "classify_cached", "classify_windows", "cpu_threads", "fit_head",
-           "head_decay", "head_probabilities", "head_probabilities_flat"]
+           "folded_layers", "head_decay", "head_probabilities", "head_probabilities_flat",
+           "windows_per_call"]
 
 
 @contextlib.contextmanager
@@ -131,10 +133,48 @@ def head_probabilities(head: Any, feats: np.ndarray, device: torch.device) -> np
     flat = feats.reshape(c, -1)
     probs = np.empty((head.n_out, flat.shape[1]), np.float32)
     step = 1 << 18  # voxels per pass: bounded memory for any block
+    layers = folded_layers(head, device)
+    if layers is not None:
+        with torch.inference_mode():
+            for i in range(0, flat.shape[1], step):
+                x = torch.from_numpy(np.ascontiguousarray(flat[:, i : i + step], np.float32))
+                probs[:, i : i + step] = _channel_mlp(layers, x.to(device)).cpu().numpy()
+        return probs.reshape(head.n_out, *feats.shape[1:])
     for i in range(0, flat.shape[1], step):
         x = np.ascontiguousarray(flat[:, i : i + step].T, np.float32)
         probs[:, i : i + step] = head_probabilities_flat(head, x, device).T
     return probs.reshape(head.n_out, *feats.shape[1:])
+
+
+def folded_layers(head: Any, device: torch.device) -> list[tuple] | None:
+    """A :class:`VoxelHead` (eval mode) as (weight, bias) pairs with its input
+    standardisation folded into the first layer (``W / std``, ``b - (W / std) mean``), so
+    a block of features (C, N) runs as matrix products with no transposes, no
+    standardised copy: the same probabilities to float rounding (about 1e-6). None for
+    any other head or layer (those run as they are)."""
+    mlp = getattr(head, "mlp", None)
+    if not isinstance(head, torch.nn.Module) or head.training or mlp is None:
+        return None
+    kept = [m for m in mlp if not isinstance(m, torch.nn.Dropout)]  # identity in eval
+    linears = [m for m in kept if isinstance(m, torch.nn.Linear)]
+    pattern = [torch.nn.Linear, torch.nn.ReLU] * (len(linears) - 1) + [torch.nn.Linear]
+    if not linears or [type(m) for m in kept] != pattern:
+        return None
+    with torch.no_grad():
+        w = linears[0].weight.float() / head.std.float()[None, :]
+        b = linears[0].bias.float() - w @ head.mean.float()
+        layers = [(w, b)] + [(m.weight.float(), m.bias.float()) for m in linears[1:]]
+    return [(w.detach().to(device).contiguous(), b.detach().to(device)[:, None].contiguous())
+            for w, b in layers]
+
+
+def _channel_mlp(layers: list[tuple], x: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (n_out, N) of features (C, N) through :func:`folded_layers`."""
+    for k, (w, b) in enumerate(layers):
+        x = torch.addmm(b, w, x)
+        if k + 1 < len(layers):
+            x = x.relu_()
+    return torch.softmax(x, 0)
 
 
 def head_probabilities_flat(head: Any, x: np.ndarray, device: torch.device) -> np.ndarray:
@@ -167,16 +207,28 @@ def classify_cached(head: VoxelHead, cached: np.ndarray, region: tuple[slice, ..
 
 def classify_windows(head: VoxelHead, features: Any, config: Any, image: Any,
                      irange: tuple[float, float], region: tuple[slice, ...], write: Any,
-                     device: torch.device, ctx: Any = None) -> None:
+                     device: torch.device, ctx: Any = None, batch_size: int | None = None
+                     ) -> None:
     """Without a cache: the features of ``region`` of ``image`` (a :class:`~.features.
     QuickFeatures`), block by block with the tiled engine, straight into ``head`` and
-    ``write``; smaller windows when the device runs out of memory."""
+    ``write``; smaller windows when the device runs out of memory. ``batch_size``:
+    windows per call (None: :func:`windows_per_call`)."""
 
     def sink(sl, feats):
         write(sl, head_probabilities(head, feats, device))
 
+    memory = features.memory(image.shape)
     with_smaller_tiles(lambda tile: predict_tiled(
         features.window_fn(irange), image, out_channels=features.channels, tile=tile,
         overlap=config.overlap, blend=config.feature_blend, region=region, sink=sink,
         max_block_bytes=config.block_bytes, ctx=ctx, message="segmenting",
-    ), config.tile, ctx, device, **features.memory(image.shape))
+        batch_size=batch_size or windows_per_call(device, tile, memory),
+    ), config.tile, ctx, device, **memory)
+
+
+def windows_per_call(device: Any, tile: Any, memory: dict) -> int:
+    """Windows per network call for ``tile`` (:func:`~napari_lsmfm.engine.accel.
+    suggest_batch_size`: 1 on the CPU, more on a GPU with room); ``memory``: the
+    ``shape`` / ``voxel_bytes`` / ``multiple`` of the features' estimate."""
+    need = window_bytes(tile, memory["voxel_bytes"], memory.get("multiple", 1))
+    return suggest_batch_size(device, need)

@@ -261,12 +261,9 @@ class Segmenter:
             uncertainty: compute the normalised-entropy map.
             instances: True for every class, or the class values to split into objects
                 (blob-like classes); computed in memory from the class map.
-            intensity_range: fixes the normalisation (low, high), e.g. that of a whole
-                volume when ``image`` is one block of it (default: ``image``'s own).
-            blend: quick mode: None blends the features of overlapping windows (exact);
-                "crop" or "gaussian" runs the head in every window and stitches the
-                probabilities that way (:mod:`.windows`: light on memory, no window
-                twice with "crop"; the whole-volume feature cache is not used).
+            intensity_range: fixes the normalisation (default: ``image``'s own).
+            blend: quick mode: "crop" / "gaussian" stitch per-window probabilities
+                (:mod:`.windows`); None (default) blends the features.
 
         Returns:
             A :class:`SegmentationResult`; its ``stats["warnings"]`` says when the image
@@ -286,14 +283,13 @@ class Segmenter:
         writer = ResultWriter(shape, self.channel_values, out, probabilities, uncertainty)
         stats = {"voxels": int(math.prod(shape))}
         t0 = time.perf_counter()
-        irange = (tuple(float(v) for v in intensity_range) if intensity_range is not None
-                  else self._intensity_range(image, key))
+        irange = tuple(intensity_range or self._intensity_range(image, key))
         warnings = flat_image_warnings(irange, ctx)
         if warnings:
             stats["warnings"] = warnings
         pred_ctx = span(ctx, 0.0, 0.9 if instances else 1.0)
         if self.config.mode == "quick":
-            self._predict_quick(image, irange, box, writer, pred_ctx, blend)
+            _predict_quick(self, image, irange, box, writer, pred_ctx, blend)
             stats["refine"] = dict(self.refinement or {"method": "none"})
         else:
             predict_full(self.net, self.anchor, self.config, image, irange, box, writer, pred_ctx)
@@ -312,23 +308,6 @@ class Segmenter:
         return writer.result(self.channel_values, instances=inst,
                              region=None if region is None else box, stats=stats)
 
-    def _predict_quick(self, image, irange, region, write, ctx, blend=None) -> None:
-        device = self.foundation.device
-        head = self.head.to(device).eval()
-        offsets = self.refinement.offsets if self.refinement is not None else None
-        if offsets is not None:  # the class mix of the volume, not of the strokes
-            write = _shifted(write, offsets)
-        if blend is not None:
-            classify_each_window(head, self.quick_features, self.config, image, irange,
-                                 region, write, device, ctx, blend=blend)
-            return
-        cached = self.features(image, span(ctx, 0.0, 0.9))
-        if cached is not None:
-            classify_cached(head, cached, region, write, device, ctx)
-        else:
-            classify_windows(head, self.quick_features, self.config, image, irange, region,
-                             write, device, ctx)
-
     # ------------------------------------------------------------------ save/load
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
@@ -346,6 +325,26 @@ class Segmenter:
         the weights' fingerprint); None loads it from the recorded source (the embedded
         default, or the saved path). A full-mode model carries its own backbone."""
         return saved.load_segmenter(cls, folder, foundation, device)
+
+
+def _predict_quick(seg: Segmenter, image, irange, region, write, ctx, blend=None) -> None:
+    """Quick-mode probabilities of ``region`` into ``write``: from the whole-volume feature
+    cache, window by window, or (``blend``) with the head in every window."""
+    device = seg.foundation.device
+    head = seg.head.to(device).eval()
+    offsets = seg.refinement.offsets if seg.refinement is not None else None
+    if offsets is not None:  # the class mix of the volume, not of the strokes
+        write = _shifted(write, offsets)
+    if blend is not None:
+        classify_each_window(head, seg.quick_features, seg.config, image, irange,
+                             region, write, device, ctx, blend=blend)
+        return
+    cached = seg.features(image, span(ctx, 0.0, 0.9))
+    if cached is not None:
+        classify_cached(head, cached, region, write, device, ctx)
+    else:
+        classify_windows(head, seg.quick_features, seg.config, image, irange, region,
+                         write, device, ctx)
 
 
 def _shifted(write: Any, offsets: np.ndarray) -> Any:
