@@ -5,7 +5,9 @@ level of an input pyramid with at least as many) gives the background level and 
 Otsu threshold between background and structure. A block is *empty* when even its
 brightest spot, averaged over 4 x 4 x 4 voxels (which evens out shot noise but keeps a
 nucleus), stays below the midpoint between the two: nothing there is brighter than the
-background by half of what separates structure from background. The test reads the
+background by half of what separates structure from background. The test looks at the
+block and :data:`POOL` voxels around it, not its whole halo: structure in the halo alone
+belongs to the neighbouring block, which is predicted. The test reads the
 block once (it is read for prediction anyway) and costs a few milliseconds against
 seconds of network time. ``threshold=None`` turns it off.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Foreground", "block_peak", "overview"]
+__all__ = ["POOL", "Foreground", "block_peak", "overview"]
 
 OVERVIEW_VOXELS = 2**20
 POOL = 4
