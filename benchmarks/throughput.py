@@ -217,6 +217,10 @@ def worker(args: argparse.Namespace) -> None:
         else:
             stats = lsmfm_run(model_dir, str(work / f"{name}.tif"), work, args.device,
                               args.tile, r)
+            if args.method == "lsmfm":  # its class map / deblurred volume, to compare
+                import zarr
+
+                result = zarr.open_array(str(work / f"out_volume_{r}.ome.zarr" / "0"))[:]
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -247,9 +251,9 @@ def run_worker(args, task: str, device: str, method: str, tag: str, env: dict) -
     return json.loads(lines[-1])
 
 
-def agreement(task: str, work: Path, device: str, tag: str) -> str:
+def agreement(task: str, work: Path, device: str, tag: str, method: str = "engine") -> str:
     ref = work / f"result_{task}_{device}_monai_monai.npy"
-    mine = work / f"result_{task}_{device}_engine_{tag}.npy"
+    mine = work / f"result_{task}_{device}_{method}_{tag}.npy"
     if not ref.is_file() or not mine.is_file():
         return "-"
     a, b = np.load(ref), np.load(mine)
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--device", default="all", help="cpu, cuda, or all (cuda when present)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=None,
+                   choices=("engine", "lsmfm", "lsmfm-half"),
+                   help="only these rows (with MONAI's, the baseline)")
     p.add_argument("--tasks", nargs="+", default=["segment", "deblur"],
                    choices=["segment", "deblur"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -327,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows += [("lsmfm predict", "lsmfm", "lsmfm", {}),
                              ("lsmfm predict, half", "lsmfm-half", "half", {})]
                 base = None
+                if args.methods:  # MONAI's row stays: it is the baseline of the ratios
+                    rows = [r for r in rows if r[1] == "monai" or r[1] in args.methods]
                 for label, method, tag, env in rows:
                     res = run_worker(args, task, device, method, tag, env)
                     if "error" in res:
@@ -335,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                     rate = res["voxels"] / res["seconds"] / 1e6
                     base = rate if method == "monai" else base
                     ratio = f"{rate / base:.2f}" if base else "-"
-                    agree = agreement(task, Path(tmp), device, tag) if method == "engine" else ""
-                    if method.startswith("lsmfm") and res.get("stats", {}).get("skipped"):
-                        agree = f"{res['stats']['skipped']} blocks skipped"
+                    agree = (agreement(task, Path(tmp), device, tag, method)
+                             if method in ("engine", "lsmfm") else "")
+                    if method.startswith("lsmfm"):
+                        st = res.get("stats", {})
+                        agree += (f"{'; ' if agree else ''}{st.get('skipped', 0)} of "
+                                  f"{st.get('blocks', 0)} blocks skipped")
                     print(f"{task:8} {device:6} {label:22} {rate:8.3f} {ratio:>8} "
                           f"{res['rss_mib']:12.0f}  {agree}", flush=True)
                 if not with_lsmfm:

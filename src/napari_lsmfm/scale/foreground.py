@@ -6,8 +6,9 @@ Otsu threshold between background and structure. A block is *empty* when even it
 brightest spot, averaged over 4 x 4 x 4 voxels (which evens out shot noise but keeps a
 nucleus), stays below the midpoint between the two: nothing there is brighter than the
 background by half of what separates structure from background. The test looks at the
-block and :data:`POOL` voxels around it, not its whole halo: structure in the halo alone
-belongs to the neighbouring block, which is predicted. The test reads the
+block itself, not its halo: structure in the halo alone belongs to the neighbouring
+block, which is predicted; an object reaching a single voxel into the block lifts its
+4-cube mean by a quarter of the object's contrast, above the threshold. The test reads the
 block once (it is read for prediction anyway) and costs a few milliseconds against
 seconds of network time. ``threshold=None`` turns it off.
 """
