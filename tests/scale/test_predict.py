@@ -48,6 +48,13 @@ def test_block_wise_equals_whole_volume(saved, tmp_path):
     assert partial_info(tmp_path / "c.zarr") is None
 
 
+def test_a_loaded_model_keeps_its_settings(saved, tmp_path):
+    root, seg, image = saved
+    tile, budget = seg.config.tile, seg.config.block_bytes
+    predict_volume(seg, image, tmp_path / "c.zarr", tile=(12, 24, 24), skip_empty=False)
+    assert seg.config.tile == tile and seg.config.block_bytes == budget
+
+
 def test_an_interrupted_run_resumes_and_ends_equal(saved, tmp_path):
     _run(saved, tmp_path / "full.zarr")
     seen = []

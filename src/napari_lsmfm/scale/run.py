@@ -16,22 +16,24 @@ block by block and stitched across borders (:mod:`.stitch`), the pyramids are wr
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .blocks import BlockPlan, Ledger
-from .cluster import cluster_client, dask_executor, local_executor, worker_device
+from .cluster import worker_device
 from .foreground import Foreground, overview
 from .tasks import adapter_for, windows_of
 
-__all__ = ["BLOCK_STEPS", "BlockJob", "choose_plan", "context", "predict_volume", "run_block"]
+__all__ = ["BLOCK_STEPS", "BlockJob", "block_settings", "choose_plan", "context", "load_task",
+           "own_settings", "predict_volume", "run_block"]
 
 BLOCK_STEPS = (4, 4, 4)  # window steps per block and axis: (192, 384, 384) for 64 x 128 x 128
 BLOCK_VOXELS = 2**24  # 17 M voxels: the block, its halo and its outputs stay small
@@ -81,7 +83,6 @@ class BlockJob:
     device: str = "auto"
     weights: str | None = None
     tile: tuple[int, int, int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _MODELS: dict[Any, Any] = {}
@@ -115,11 +116,25 @@ def load_task(model: str | os.PathLike, weights: str | None, device: str,
         from napari_lsmfm.model import load_foundation
 
         foundation = load_foundation(weights, device=device)
-    task = load_model(model, foundation, device=None if device == "auto" else device)
+    return block_settings(load_model(model, foundation,
+                                     device=None if device == "auto" else device), tile)
+
+
+def block_settings(task: Any, tile: Sequence[int] | None = None) -> Any:
+    """``task`` set up for block-wise prediction: ``tile`` (when given) and the engine's
+    buffers capped at :data:`BLOCK_BYTES`."""
     if tile is not None:
         task.config.tile = tuple(int(t) for t in tile)
     task.config.block_bytes = min(int(task.config.block_bytes), BLOCK_BYTES)
     return task
+
+
+def own_settings(task: Any) -> Any:
+    """A model given by the caller with its own copy of the settings (same weights), so
+    block-wise prediction leaves the caller's model as it was."""
+    mine = copy.copy(task)
+    mine.config = copy.copy(task.config)
+    return mine
 
 
 def _image(job: BlockJob) -> Any:
@@ -152,7 +167,7 @@ def context(ext: Sequence[slice], tile: Sequence[int], shape: Sequence[int]
 
 def run_block(job: BlockJob, index: int) -> dict[str, Any]:
     """Predict (or skip) block ``index`` of ``job`` and record it finished; returns
-    {"index", "skipped", "seconds", "peak"}. Runs on any worker."""
+    {"index", "skipped", "seconds"}. Runs on any worker."""
     import zarr
 
     t0 = time.perf_counter()
@@ -171,16 +186,15 @@ def run_block(job: BlockJob, index: int) -> dict[str, Any]:
     # still lifts a 4-cube mean well above the threshold
     skipped = job.threshold is not None and Foreground.fixed(job.threshold).is_empty(
         block[core])
-    outputs = {k: (None, zarr.open_array(p, mode="r")) for k, p in job.arrays.items()}
-    specs = {k: (tuple(a.shape), a.dtype) for k, (_, a) in outputs.items()}
+    targets = {k: zarr.open_array(p, mode="r+") for k, p in job.arrays.items()}
+    specs = {k: (tuple(a.shape), a.dtype) for k, a in targets.items()}
     if skipped:
         values = adapter.empty(block, core, specs)
     else:
         values = adapter.predict(block, job.irange, core, job.wanted)
-    for name, path in job.arrays.items():
+    for name, target in targets.items():
         if name not in values:
             continue
-        target = zarr.open_array(path, mode="r+")
         lead = (slice(None),) * (target.ndim - 3)
         target[(*lead, *box)] = values[name].astype(target.dtype, copy=False)
     seconds = time.perf_counter() - t0
@@ -203,7 +217,7 @@ def predict_volume(model: Any, image: Any, out: str | os.PathLike, *,
 
     Args:
         model: a saved task model folder (segmentation or deblur), or a loaded one
-            (this process only).
+            (this process only; its settings are left as they were).
         image: a TIFF / Zarr / OME-Zarr path, or a (Z, Y, X) numpy, dask or zarr array
             (this process only).
         out: the OME-Zarr of the main result (the class map, or the deblurred image).
@@ -233,11 +247,10 @@ def predict_volume(model: Any, image: Any, out: str | os.PathLike, *,
         raise ValueError("a cluster run opens the image on every worker: give its path")
     vol_data, vol_voxel, levels = store.open_input(image)
     voxel_size = tuple(voxel_size) if voxel_size is not None else vol_voxel
-    task = model if not isinstance(model, str | os.PathLike) else None
-    if task is None:
+    if isinstance(model, str | os.PathLike):
         task = load_task(model, weights, device, tile)
-    elif tile is not None:
-        task.config.tile = tuple(int(t) for t in tile)
+    else:
+        task = block_settings(own_settings(model), tile)
     adapter = adapter_for(task, prob_dtype=prob_dtype)
     wanted = tuple(k for k, v in (("probabilities", probabilities),
                                   ("instances", instances)) if v is not None)
@@ -262,7 +275,7 @@ def predict_volume(model: Any, image: Any, out: str | os.PathLike, *,
     done_before = ledger.done()
     todo = [i for i in plan if i not in done_before]
     job = BlockJob(
-        model=model if not in_process or task is None else task,
+        model=task if in_process else model,
         image=image if not in_process else vol_data,
         plan=plan, halo=halo, irange=tuple(float(v) for v in irange),
         threshold=None if test is None else test.threshold,
@@ -309,11 +322,3 @@ def _run_blocks(run: Any, job: BlockJob, todo: list[int], ctx: Any, on_block: An
         if ctx is not None:
             ctx.report(done / max(total, 1), f"blocks: {done}/{total}", block=done,
                        blocks=total)
-
-
-def dask_run(client: Any, ctx: Any = None) -> Any:
-    """The executor of an existing ``distributed.Client`` (for scripts)."""
-    return dask_executor(client, ctx)
-
-
-__all__ += ["cluster_client", "dask_run", "load_task", "local_executor"]

@@ -178,7 +178,7 @@ class PredictWidget(TaskWidget):
             if model is None or not model.trained:
                 raise ValueError("no segmentation model yet: train one in the Few-shot "
                                  "segmentation widget, or choose a saved model folder")
-            return parts.private_copy(model), None, ()
+            return model, None, ()  # predict_volume leaves its settings as they were
         key = (chosen, folder, device)
         foundation = self.slot.foundation
         return self.models.get(key), lambda: parts.load_model(chosen, folder, foundation,

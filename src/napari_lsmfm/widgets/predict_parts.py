@@ -9,7 +9,6 @@ that shows the output while it fills: level 0 of the Zarr store read lazily
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -100,14 +99,6 @@ def saved_model_task(folder: str) -> str:
         raise ValueError(f"{folder} is a {task!r} model; whole volumes are predicted with "
                          "segmentation or deblur models")
     return task
-
-
-def private_copy(segmenter: Any) -> Any:
-    """The segmentation widget's model for this run: the same weights, its own settings
-    (block-wise prediction turns the whole-volume feature cache off in them)."""
-    model = copy.copy(segmenter)
-    model.config = copy.copy(segmenter.config)
-    return model
 
 
 def load_model(choice: str, folder: str, foundation: Any, device: str) -> Any:
