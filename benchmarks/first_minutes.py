@@ -11,14 +11,18 @@ predict; ``--first deblur``: Deblur) -> Predict -> Load (the Foundation widget, 
 model) -> Deblur. The same jobs run as fresh CLI processes, imports included
 (``lsmfm segment ...``, ``lsmfm deblur ...``), before the viewer starts, so that this
 process has imported neither torch nor MONAI when the widgets open. A 10 ms QTimer on
-the UI thread records the event loop's largest gap in each step.
+the UI thread records the event loop's largest gap in each step. A user clicks what is on
+the screen, so opening the sample, adding the brush layer and docking the widgets each
+end when the viewer has drawn them (0.3 s of event loop without a gap over 50 ms); the
+time and stall that drawing costs count in that step's row.
 
 The last line, for scripts:
 ``first-minutes: first_action_ratio=R1 train_ratio=R2 worst_stall_ms=S preload_s=P``
 R1: the first action in the viewer (click to result) / the same job as a fresh CLI
 process; R2: the quick fit in the viewer / the same fit in the CLI (the fits' own
-``seconds``); S: the largest event-loop gap from docking the widgets to the end of the
-first training; P: from the first widget opening to the default model being ready.
+``seconds``); S: the largest event-loop gap from the click (the docks drawn) to the
+first training's last progress record; P: from the first widget opening to the default
+model being ready.
 Targets: R1 <= 1.5, R2 <= 1.3, S < 200, P <= 10.
 """
 
@@ -90,6 +94,16 @@ class Ticker:
         self.times.append(time.perf_counter())
         self.what.append(self._what())
 
+    def drawn(self, quiet: float = 0.3, gap: float = 0.05) -> bool:
+        """True once the event loop has ticked without a gap over ``gap`` s for the last
+        ``quiet`` s: what was just opened is on the screen (a user can click it)."""
+        now = time.perf_counter()
+        recent = [t for t in self.times if t > now - quiet]
+        if not recent or recent[0] - (now - quiet) > gap:
+            return False
+        return all(b - a <= gap for a, b in zip(recent, recent[1:], strict=False)) \
+            and now - recent[-1] <= gap
+
     def worst(self, start: float, stop: float) -> float:
         """The largest gap between ticks (or the span's ends) within [start, stop], in s."""
         inside = [start] + [t for t in self.times if start < t < stop] + [stop]
@@ -137,7 +151,7 @@ class GapTracer:
             time.sleep(0.005)
             now, cur = time.perf_counter(), self._stacks()
             if now - last > self.limit:
-                print(f"GAP {1000 * (now - last):.0f} ms", file=sys.stderr)
+                print(f"GAP {1000 * (now - last):.0f} ms at {now:.2f}", file=sys.stderr)
                 for ident in cur:
                     print(f"   thread {ident}\n     before {before.get(ident, '-')}\n"
                           f"     after  {cur[ident]}", file=sys.stderr)
@@ -196,12 +210,12 @@ def viewer_session(first: str, strokes: np.ndarray, steps: int, think: float = 0
         t1 = time.perf_counter()
         times[name], stalls[name] = t1 - t0, ticker.worst(t0, t1)
 
-    step("open sample", lambda: viewer.open_sample(PLUGIN, "nuclei"), lambda: True)
+    step("open sample", lambda: viewer.open_sample(PLUGIN, "nuclei"), ticker.drawn, timeout=30)
     image = viewer.layers["nuclei"]
     # the strokes, painted into a brush layer (as napari's own "new labels layer" makes)
     step("brush layer", lambda: viewer.add_labels(
         strokes, name="nuclei brushes", scale=image.scale),
-        lambda: True)
+        ticker.drawn, timeout=30)
     if think:  # a user looking at the data before opening the plugin's widgets
         spin(think)
     out["torch_before_docking"] = "torch" in sys.modules
@@ -212,8 +226,10 @@ def viewer_session(first: str, strokes: np.ndarray, steps: int, think: float = 0
             _, widgets[name] = viewer.window.add_plugin_dock_widget(
                 plugin_name=PLUGIN, widget_name=name, tabify=True)
 
-    step("dock widgets", dock, lambda: True)
+    # a user clicks what is on the screen: each step ends when the viewer has drawn it
+    step("dock widgets", dock, ticker.drawn, timeout=30)
     docked = time.perf_counter()
+    print(f"docked at {docked:.2f}", file=sys.stderr)
     slot = foundation_slot(viewer)
     seg, deblur, fwidget = (widgets[n] for n in ("Few-shot segmentation", "Deblur",
                                                  "Foundation model"))
@@ -312,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     r2 = fit / cli_fit if fit else float("nan")
     stall = 1000 * got["load_stall"]
     preload = got["preload_s"] if got["preload_s"] is not None else float("nan")
-    print(f"\nworst event-loop gap while loading and training (docked -> the job's last "
-          f"progress record): {stall:.0f} ms; while the results became layers: "
-          f"{1000 * got['show_stall']:.0f} ms")
+    print(f"\nworst event-loop gap while loading and training (Train clicked, the docks "
+          f"drawn -> the job's last progress record): {stall:.0f} ms; while the results "
+          f"became layers: {1000 * got['show_stall']:.0f} ms")
     print("largest gaps from docking until the results were shown "
           "(s after docking, ms, what was going on):")
     for at, gap, doing in got["load_gaps"]:

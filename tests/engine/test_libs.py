@@ -43,3 +43,25 @@ def test_warm_up_imports_torch_monai_and_the_training_parts_once():
                           timeout=240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "True", "False"]
+
+
+QUIET = (
+    "import gc\n"
+    "from napari_lsmfm.engine.libs import quiet_collector\n"
+    "before = gc.get_threshold()\n"
+    "kept = []\n"
+    "with quiet_collector():\n"
+    "    during = gc.get_threshold()\n"
+    "    kept.extend([i] for i in range(50000))  # what an import leaves behind\n"
+    "print(before == gc.get_threshold(), during[2] > 10 ** 6, during[:2] == before[:2],\n"
+    "      gc.get_freeze_count() >= 50000)\n"
+    "cycle = []; cycle.append(cycle); del cycle  # younger garbage is still collected\n"
+    "print(gc.collect() >= 1)\n"
+)
+
+
+def test_quiet_collector_holds_full_collections_off_then_freezes_what_was_loaded():
+    done = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"] * 5

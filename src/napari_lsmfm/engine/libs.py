@@ -12,13 +12,15 @@ happens.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.util
 import os
 import sys
 import threading
 from pathlib import Path
 
-__all__ = ["PRELOAD_ENV", "import_quietly", "load_torch_libraries", "preload_enabled", "warm_up"]
+__all__ = ["PRELOAD_ENV", "import_quietly", "load_torch_libraries", "preload_enabled",
+           "quiet_collector", "warm_up"]
 
 _RTLD_NOW = 0x2  # as torch's own import: local symbols, resolved now
 _BIG = ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libtorch_python.so")
@@ -66,6 +68,30 @@ def preload_enabled() -> bool:
     return os.environ.get(PRELOAD_ENV, "").strip() in ("", "0")
 
 
+class quiet_collector:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Hold Python's full garbage collections off while big imports run, then freeze
+    what they loaded (``gc.freeze``).
+
+    Python collects its oldest generation when it has grown by a quarter, walking every
+    object the process has. With napari, torch, sympy and MONAI in one process that is
+    millions of objects: each full collection held the GIL for 0.1-0.8 s here, and
+    the imports themselves triggered them every few seconds, so the viewer froze that
+    long (and again whenever a later allocation burst set one off). Modules, classes
+    and functions live as long as the process, so they are moved to the permanent
+    generation, which collections skip; younger objects are collected as before.
+    """
+
+    def __enter__(self) -> quiet_collector:
+        self._threshold = gc.get_threshold()
+        first, second, _ = self._threshold
+        gc.set_threshold(first, second, 1 << 30)  # young generations only meanwhile
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.freeze()
+        gc.set_threshold(*self._threshold)
+
+
 def warm_up() -> threading.Thread | None:
     """Import in a background thread, once per process, what the first model action
     needs: torch (its libraries opened without the GIL), MONAI (without transformers)
@@ -80,16 +106,17 @@ def warm_up() -> threading.Thread | None:
 
     def run() -> None:
         try:
-            load_torch_libraries()
-            import torch
+            with quiet_collector():
+                load_torch_libraries()
+                import torch
 
-            weight = torch.zeros(1, requires_grad=True)  # a first optimiser step imports
-            (weight * 2).sum().backward()  # torch's compiler stack (2 s): done here
-            torch.optim.Adam([weight]).step()
+                weight = torch.zeros(1, requires_grad=True)  # a first optimiser step
+                (weight * 2).sum().backward()  # imports torch's compiler stack (2 s)
+                torch.optim.Adam([weight]).step()
 
-            from napari_lsmfm.model.monai_import import import_monai
+                from napari_lsmfm.model.monai_import import import_monai
 
-            import_monai()
+                import_monai()
         except Exception:  # noqa: BLE001 (best effort: the real import reports errors)
             pass
 
