@@ -1,6 +1,8 @@
-"""Object classification (issue 16): our probe on the foundation's embeddings against a
-random forest on hand-made intensity and shape features, zero-shot from text prompts,
-and open-set AUROC with one class held out of the examples.
+"""Object classification (issue 16): our probe on the foundation's embeddings and all the
+measures of ``tasks/classify/measures.py`` against a random forest on the 19 classical
+(CellProfiler-style) intensity and shape measures (``CLASSICAL_OBJECT_MEASURES``; the
+column "forest+" is the same forest on all the measures, the scale-free ones too),
+zero-shot from text prompts, and open-set AUROC with one class held out of the examples.
 
 Held-out scenes mix three structure kinds in one volume (``napari_lsmfm.synth``):
 nuclei, amyloid-like plaques, and vessel fragments (the vessel tree cut on a 24 um grid
@@ -31,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_lsmfm.synth import degrade, gaussian_psf_sigma_vox, make_structures
+from napari_lsmfm.tasks.classify.measures import CLASSICAL_OBJECT_MEASURES, OBJECT_MEASURES
 
 CLASSES = ("nucleus", "vessel", "plaque")
 KINDS = {"nuclei": "nucleus", "vessels": "vessel", "plaques": "plaque"}
@@ -137,12 +140,14 @@ class Column:
         self.clf.fit(self.train[0], ex, objects=self.train[1])
         return self.clf.predict(self.test[0], objects=self.test[1])
 
-    def forest(self, idx: np.ndarray, seed: int) -> np.ndarray:
+    def forest(self, idx: np.ndarray, seed: int, columns: int | None = None) -> np.ndarray:
+        """A random forest on the first ``columns`` measures (default: the classical 19,
+        ``CLASSICAL_OBJECT_MEASURES``; None as given: all, the relative ones too)."""
         from sklearn.ensemble import RandomForestClassifier
 
         rf = RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
-        rf.fit(self.f_tr.measures[idx], self.y_tr[idx])
-        return rf.predict(self.f_te.measures)
+        rf.fit(self.f_tr.measures[idx, :columns], self.y_tr[idx])
+        return rf.predict(self.f_te.measures[:, :columns])
 
 
 def run_column(col: Column, reps: int) -> dict:
@@ -150,18 +155,22 @@ def run_column(col: Column, reps: int) -> dict:
     for k in SHOTS:
         if min(np.sum(col.y_tr == c) for c in CLASSES) < k:
             continue
-        acc, f1, racc, rf1 = [], [], [], []
+        acc, f1, racc, rf1, aacc, af1 = [], [], [], [], [], []
         for rep in range(reps):
             idx = col.draw(k, rep)
             res = col.probe(idx)
             pred = np.array(col.clf.class_names)[res.predicted]
             acc.append(np.mean(pred == col.y_te))
             f1.append(macro_f1(col.y_te, pred))
-            rpred = col.forest(idx, rep)
+            rpred = col.forest(idx, rep, len(CLASSICAL_OBJECT_MEASURES))
             racc.append(np.mean(rpred == col.y_te))
             rf1.append(macro_f1(col.y_te, rpred))
+            apred = col.forest(idx, rep, None)
+            aacc.append(np.mean(apred == col.y_te))
+            af1.append(macro_f1(col.y_te, apred))
         out[k] = {"acc": np.mean(acc), "f1": np.mean(f1), "rf_acc": np.mean(racc),
-                  "rf_f1": np.mean(rf1), "acc_sd": np.std(acc), "rf_acc_sd": np.std(racc)}
+                  "rf_f1": np.mean(rf1), "acc_sd": np.std(acc), "rf_acc_sd": np.std(racc),
+                  "all_acc": np.mean(aacc), "all_f1": np.mean(af1)}
     for k in (5, 20):
         aucs, rejected, accepted = [], [], []
         for held in CLASSES:
@@ -236,16 +245,20 @@ def main() -> None:
         r = results[name]
         print(f"- {name}: test objects {r['n_test']}, {r['n_objects']} objects embedded in "
               f"{r['embed_seconds']:.1f} s")
-    print("\n### Accuracy / macro-F1 (probe on foundation embeddings + measures vs random "
-          "forest on the measures)\n")
-    print("| examples per class | " + " | ".join(f"{n} probe | {n} forest" for n in names) + " |")
-    print("|---|" + "---|---|" * len(names))
+    print("\n### Accuracy / macro-F1 (probe on foundation embeddings + all "
+          f"{len(OBJECT_MEASURES)} measures vs random forest on the classical "
+          f"{len(CLASSICAL_OBJECT_MEASURES)} measures; forest+: the forest on all "
+          f"{len(OBJECT_MEASURES)})\n")
+    print("| examples per class | " + " | ".join(f"{n} probe | {n} forest | {n} forest+"
+                                                 for n in names) + " |")
+    print("|---|" + "---|---|---|" * len(names))
     for k in SHOTS:
         cells = []
         for n in names:
             r = results[n].get(k)
-            cells += (["-", "-"] if r is None else
-                      [f"{r['acc']:.3f} / {r['f1']:.3f}", f"{r['rf_acc']:.3f} / {r['rf_f1']:.3f}"])
+            cells += (["-", "-", "-"] if r is None else
+                      [f"{r['acc']:.3f} / {r['f1']:.3f}", f"{r['rf_acc']:.3f} / {r['rf_f1']:.3f}",
+                       f"{r['all_acc']:.3f} / {r['all_f1']:.3f}"])
         print(f"| {k} | " + " | ".join(cells) + " |")
     print("\n### Zero-shot from text prompts (default weights; prompts "
           f"{'; '.join(PROMPTS)})\n")

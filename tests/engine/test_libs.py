@@ -65,3 +65,21 @@ def test_quiet_collector_holds_full_collections_off_then_freezes_what_was_loaded
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True"] * 5
+
+
+MALLOC = (
+    "import numpy as np\n"
+    "from napari_lsmfm.engine.libs import release_free_memory, share_malloc_arenas\n"
+    "print(share_malloc_arenas(2))\n"
+    "parts = [np.ones(20_000) for _ in range(1000)]  # 160 MB in heap-sized pieces\n"
+    "del parts[::2]\n"
+    "print(release_free_memory())  # the freed half goes back\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_malloc_arenas_shared_and_freed_memory_given_back():
+    done = subprocess.run([sys.executable, "-c", MALLOC], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]

@@ -151,6 +151,11 @@ def test_save_load_and_registry(fm, tmp_path):
     a, b = clf.predict(image, objects=labels), loaded.predict(image, objects=labels)
     assert a.classes == b.classes
     np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-5)
+    # the open set keeps its examples: the same scores and threshold after loading
+    assert loaded.openset.examples is not None
+    assert loaded.openset.neighbours == clf.openset.neighbours
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert loaded.openset.threshold == pytest.approx(clf.openset.threshold, abs=1e-6)
     with pytest.raises(ValueError, match="other foundation weights"):
         Classifier.load(tmp_path / "probe", tiny_foundation(text=True))
 
@@ -223,3 +228,79 @@ def test_describe_in_words():
     for item in words:
         assert item[0][0] in ("nuclei", "vessels", "plaques", "unknown")
         assert len(item) in (1, 2) and all(-1.0 <= s <= 1.0 for _, s in item)
+
+
+def test_self_training_only_with_few_examples(fm):
+    image, labels, kinds, inside = scene()
+    clf = Classifier(fm, patch=(8, 16, 16), steps=20)  # self_train_below = 3
+    assert clf.fit(image, examples_of(kinds, inside, per_class=2), objects=labels)[
+        "self_trained"]
+    assert not clf.fit(image, examples_of(kinds, inside, per_class=3), objects=labels)[
+        "self_trained"]
+    clf.config.self_train_below = 10
+    assert clf.fit(image, examples_of(kinds, inside, per_class=3), objects=labels)[
+        "self_trained"]
+    with pytest.raises(ValueError, match="self_train_below"):
+        ClassifyConfig(self_train_below=-1)
+
+
+def ball_scene(voxel, core: bool):
+    """A ball of radius 6 um in a 40 um cube sampled at ``voxel`` um: uniform, or a bright
+    core (a third of the radius) in a dim halo (a plaque); (image, labels)."""
+    shape = tuple(int(round(40 / v)) for v in voxel)
+    grid = np.meshgrid(*[(np.arange(s) + 0.5) * v - 20 for s, v in zip(shape, voxel,
+                                                                      strict=True)],
+                       indexing="ij")
+    r = np.sqrt(sum(g ** 2 for g in grid))
+    image = np.full(shape, 100.0, np.float32)
+    image[r <= 6] += 300 if not core else 100
+    if core:
+        image[r <= 2] += 500
+    return image, (r <= 6).astype(np.uint16)
+
+
+def test_relative_measures_are_scale_free_and_see_a_core():
+    from napari_lsmfm.tasks.classify import object_items
+    from napari_lsmfm.tasks.classify.measures import (
+        CLASSICAL_OBJECT_MEASURES,
+        OBJECT_MEASURES,
+        measure_items,
+    )
+
+    assert OBJECT_MEASURES[:len(CLASSICAL_OBJECT_MEASURES)] == CLASSICAL_OBJECT_MEASURES
+    assert len(CLASSICAL_OBJECT_MEASURES) == 19 < len(OBJECT_MEASURES)
+    names = list(OBJECT_MEASURES)
+
+    def measures(voxel, core):
+        image, labels = ball_scene(voxel, core)
+        row = measure_items(object_items(labels), image, (100.0, 900.0), voxel)[0]
+        return dict(zip(names, row, strict=True))
+
+    fine, coarse = measures((1.0, 1.0, 1.0), False), measures((2.0, 1.0, 1.0), False)
+    for name in ("relative_thickness", "profile_corr", "log_contrast_ratio"):
+        assert abs(fine[name] - coarse[name]) < 0.15 * max(abs(fine[name]), 0.1), name
+    plaque = measures((1.0, 1.0, 1.0), True)
+    assert plaque["core_ratio"] > fine["core_ratio"] + 0.5
+    assert plaque["profile_corr"] > fine["profile_corr"]
+    assert plaque["bright_fraction"] < fine["bright_fraction"]
+
+
+def test_open_set_scores_by_prototypes_and_neighbours(tmp_path):
+    from napari_lsmfm.tasks.classify.openset import OpenSet
+
+    rng = np.random.default_rng(0)
+    axes = np.eye(6)
+    # class 0 has two looks (axes 0 and 1), class 1 one (axis 2)
+    z = np.concatenate([axes[0] + 0.1 * rng.normal(size=(3, 6)),
+                        axes[1] + 0.1 * rng.normal(size=(3, 6)),
+                        axes[2] + 0.1 * rng.normal(size=(4, 6))])
+    targets = np.array([0] * 6 + [1] * 4)
+    fitted = OpenSet.fit(z, targets, 2, known_rate=1.0)
+    assert fitted.calibrated and fitted.neighbours == 3 and len(fitted.loo_scores) == 10
+    prototypes_only = OpenSet(fitted.prototypes, fitted.threshold)
+    look = axes[0:1] + 0.05
+    # one look of class 0 is near its examples though far from the class's mean
+    assert fitted.scores(look)[0] > prototypes_only.scores(look)[0]
+    assert not fitted.unknown(look)[0]
+    assert fitted.unknown(axes[4:5])[0]  # like no example: unknown
+    assert fitted.threshold == pytest.approx(fitted.loo_scores.min())

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_lsmfm.engine.libs import release_free_memory, share_malloc_arenas
+
 from .blocks import BlockPlan, Ledger
 from .cluster import worker_device
 from .foreground import Foreground, overview
@@ -94,7 +96,8 @@ def _adapter(job: BlockJob) -> Any:
         return adapter_for(job.model, prob_dtype=job.prob_dtype)
     device = worker_device(job.device)
     key = (str(job.model), job.weights, device, job.prob_dtype, job.tile)
-    if key not in _MODELS:
+    if key not in _MODELS:  # a worker's first block
+        share_malloc_arenas()
         threads = os.environ.get("LSMFM_WORKER_THREADS")
         if threads:
             import torch
@@ -197,6 +200,8 @@ def run_block(job: BlockJob, index: int) -> dict[str, Any]:
             continue
         lead = (slice(None),) * (target.ndim - 3)
         target[(*lead, *box)] = values[name].astype(target.dtype, copy=False)
+    del block, region, values
+    release_free_memory()  # the block's buffers, freed, back to the system before the next
     seconds = time.perf_counter() - t0
     Ledger(job.ledger, "predict").mark(index, skipped=bool(skipped), seconds=seconds)
     return {"index": index, "skipped": bool(skipped), "seconds": seconds}
@@ -239,6 +244,7 @@ def predict_volume(model: Any, image: Any, out: str | os.PathLike, *,
     from . import outputs as store
 
     t0 = time.perf_counter()
+    share_malloc_arenas()
     in_process = workers is None and scheduler is None
     if not in_process and not isinstance(model, str | os.PathLike):
         raise ValueError("a cluster run loads the model on every worker: give the saved "

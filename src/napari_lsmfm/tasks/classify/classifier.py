@@ -151,7 +151,8 @@ class Classifier:
                 window around each example point.
 
         Returns:
-            A FitReport (extra: classes, counts, mode, threshold, calibrated).
+            A FitReport (extra: classes, counts, mode, threshold, calibrated,
+            self_trained: whether the probe was fitted again with pseudo-labels).
         """
         t0 = time.perf_counter()
         check_volume(image, "classification")
@@ -185,7 +186,9 @@ class Classifier:
                  "blocks": [(w, 1.0) for w in widths] + [(measures, cfg.measure_weight)]}
         probe, report = train_probe(x, targets_idx, len(names), ctx=span(ctx, 0.8, 0.9),
                                     **train)
-        if cfg.self_train > 0 and len(population) > len(x):
+        self_trained = bool(cfg.self_train > 0 and len(population) > len(x)
+                            and min(ex.counts().values()) < cfg.self_train_below)
+        if self_trained:
             rows, labels = pseudo_labelled(probe, population, index, targets_idx, len(names),
                                            cfg.self_train)
             probe, report = train_probe(population[rows], labels, len(names),
@@ -204,7 +207,7 @@ class Classifier:
         return report.update(seconds=time.perf_counter() - t0, classes=list(names),
                              counts=ex.counts(), mode=items.kind,
                              threshold=self.openset.threshold,
-                             calibrated=self.openset.calibrated)
+                             calibrated=self.openset.calibrated, self_trained=self_trained)
 
     def _fit_prompts(self, t0: float) -> FitReport:
         if not self.config.prompts:

@@ -33,6 +33,9 @@ class ClassifyConfig(TaskConfig):
     self_train: self-training on the other objects of the labels layer (or tiles): after a
         first fit, the items the probe is surest of join the examples, up to this many times
         each class's examples, and the probe is fitted again (0 = off).
+    self_train_below: self-training runs only while the rarest class has fewer examples
+        than this (with one or two it helps; from about five the examples alone do better:
+        the validation scenes of ``benchmarks/classification.py``).
     steps / lr / l2: training of the probe (full batch, Adam; ``l2`` is the inverse of a
         logistic regression's C).
     prompts: class names or descriptions for zero-shot classification, or priors of the
@@ -57,6 +60,7 @@ class ClassifyConfig(TaskConfig):
     levels: tuple[int, ...] = (0, 1)
     measure_weight: float = 3.0
     self_train: float = 3.0
+    self_train_below: int = 3
     steps: int = 300
     lr: float = 3e-2
     l2: float = 0.3
@@ -77,6 +81,9 @@ class ClassifyConfig(TaskConfig):
                                         positive=True)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        self.self_train_below = int(self.self_train_below)
+        if self.self_train_below < 0:
+            raise ValueError(f"self_train_below must be >= 0, got {self.self_train_below}")
         for name in ("hidden", "steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

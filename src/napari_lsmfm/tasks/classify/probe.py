@@ -44,7 +44,7 @@ class Probe(nn.Module):
         a floor of a tenth of its group's median spread (no division by almost nothing).
         ``blocks``: (width, weight) of consecutive groups of features: each group is scaled
         to a total variance of ``weight ** 2`` whatever its width, so 500 pooled channels
-        do not drown 17 shape measures."""
+        do not drown 27 shape measures."""
         x = torch.as_tensor(np.asarray(features, np.float32))
         std = x.std(0) if len(x) > 1 else torch.ones(x.shape[1])
         blocks = list(blocks) or [(x.shape[1], 1.0)]

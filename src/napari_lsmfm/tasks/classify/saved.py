@@ -1,7 +1,8 @@
 """A :class:`~.classifier.Classifier` on disk, in the engine's one saved-model format:
 ``config.json`` (classes, mode, settings, the foundation, the threshold) and safetensors
-parts "probe" (standardisation and weights), "openset" (class prototypes) and "text"
-(the prompts' class embeddings, when there are prompts)."""
+parts "probe" (standardisation and weights), "openset" (class prototypes and the
+standardised examples) and "text" (the prompts' class embeddings, when there are
+prompts)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def save_classifier(clf: Any, folder: str | Path, *, overwrite: bool = False) ->
                                else float(clf.openset.threshold))
         config["calibrated"] = clf.openset.calibrated
         parts["openset"] = {"prototypes": torch.as_tensor(clf.openset.prototypes).float()}
+        if clf.openset.examples is not None and clf.openset.targets is not None:
+            parts["openset"]["examples"] = torch.as_tensor(clf.openset.examples).float()
+            parts["openset"]["targets"] = torch.as_tensor(clf.openset.targets).long()
+            config["neighbours"] = int(clf.openset.neighbours)
     if clf.text is not None:
         parts["text"] = {"prototypes": torch.as_tensor(clf.text).float()}
     return save_task_model(folder, task=clf.task, config=config, parts=parts,
@@ -70,9 +75,14 @@ def load_classifier(cls: type, folder: str | Path, foundation: Any = None,
             clf.probe = Probe.from_saved(config["probe"], parts["probe"]).eval()
         if "openset" in parts:
             threshold = config.get("threshold")
-            clf.openset = OpenSet(parts["openset"]["prototypes"].double().numpy(),
+            stored = parts["openset"]
+            kept = "examples" in stored and "targets" in stored
+            clf.openset = OpenSet(stored["prototypes"].double().numpy(),
                                   -np.inf if threshold is None else float(threshold),
-                                  calibrated=bool(config.get("calibrated")))
+                                  calibrated=bool(config.get("calibrated")),
+                                  examples=stored["examples"].double().numpy() if kept else None,
+                                  targets=stored["targets"].numpy() if kept else None,
+                                  neighbours=int(config.get("neighbours", 1)))
         if "text" in parts:
             clf.text = parts["text"]["prototypes"].numpy()
             clf.text_rows = tuple(int(r) for r in config.get("text_rows", []))
