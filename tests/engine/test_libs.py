@@ -17,12 +17,18 @@ PROBE = (
 )
 
 
+def run_fresh(code: str, timeout: float) -> list[str]:
+    """``code`` run in a fresh interpreter (nothing imported, nothing frozen); the words
+    it printed. Fails the test when it fails."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc dlopen")
 def test_torch_libraries_open_before_import_and_torch_works():
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          timeout=180)
-    assert done.returncode == 0, done.stderr
-    assert "libtorch_cpu.so" in done.stdout.split()
+    assert "libtorch_cpu.so" in run_fresh(PROBE, 180)
 
 
 WARM = (
@@ -39,10 +45,7 @@ WARM = (
 
 
 def test_warm_up_imports_torch_monai_and_the_training_parts_once():
-    done = subprocess.run([sys.executable, "-c", WARM], capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True", "True", "False"]
+    assert run_fresh(WARM, 240) == ["True", "True", "True", "False"]
 
 
 QUIET = (
@@ -61,10 +64,7 @@ QUIET = (
 
 
 def test_quiet_collector_holds_full_collections_off_then_freezes_what_was_loaded():
-    done = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True"] * 5
+    assert run_fresh(QUIET, 60) == ["True"] * 5
 
 
 MALLOC = (
@@ -79,7 +79,4 @@ MALLOC = (
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_malloc_arenas_shared_and_freed_memory_given_back():
-    done = subprocess.run([sys.executable, "-c", MALLOC], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True"]
+    assert run_fresh(MALLOC, 60) == ["True", "True"]

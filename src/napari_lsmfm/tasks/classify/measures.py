@@ -136,8 +136,8 @@ def measure_items(items: Any, image: Any, irange: tuple[float, float],
     shape = np.asarray(image.shape)
     out = []
     if items.kind == "objects":
+        pad = np.maximum(2, np.ceil(SHELL_UM / spacing).astype(int) + 1)  # ring and shell
         for (box, value) in zip(items.boxes, items.labels, strict=True):
-            pad = np.maximum(2, np.ceil(SHELL_UM / spacing).astype(int) + 1)
             lo = np.maximum(box[:, 0] - pad, 0)
             hi = np.minimum(box[:, 1] + pad, shape)
             values = _norm(_read(image, lo, hi), irange)
