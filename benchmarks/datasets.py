@@ -25,6 +25,7 @@ WHEELS = {
     "stardist": ("stardist", "0.9.2"),
     "cellseg3d": ("napari-cellseg3d", "0.2.4"),
     "sdeconv": ("sdeconv", "1.0.4"),
+    "epitools": ("epitools", "0.1.2"),
 }
 
 
@@ -99,6 +100,27 @@ def cellseg3d_nuclei() -> Dataset:
     )
 
 
+def cellseg3d_small() -> Dataset:
+    """napari-cellseg3d's second example, test_very_small: real dense nuclei, 64 x 64 x
+    64, no labels."""
+    return Dataset(
+        "cellseg3d test_very_small", read_tiff("cellseg3d", "examples/test_very_small.tif"),
+        None, (1.0, 1.0, 1.0), "MIT",
+        "real nuclei (the package's second example); voxel size unknown, isotropic assumed",
+    )
+
+
+def epitools_epithelium() -> Dataset:
+    """epitools' test image: a curved epithelium stained at its cell junctions, 30 x 199 x
+    206 uint8, 1 um pixels, no labels."""
+    return Dataset(
+        "epitools epithelium",
+        read_tiff("epitools", "epitools/_datasets/8bitDataset/test_image.tif"), None,
+        (1.0, 1.0, 1.0), "BSD-3-Clause",
+        "cell-junction stain of a curved epithelium; 1 um pixels, z step unknown (1 um assumed)",
+    )
+
+
 def sdeconv_pollen() -> Dataset:
     """sdeconv's pollen grains (sharp), 32 x 256 x 256; ``labels`` None. The blurred copy
     and the PSF: :func:`sdeconv_pollen_pair`."""
@@ -117,6 +139,7 @@ def sdeconv_pollen_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 LOADERS = {"stardist": stardist_nuclei, "cellseg3d": cellseg3d_nuclei,
+           "cellseg3d-small": cellseg3d_small, "epitools": epitools_epithelium,
            "pollen": sdeconv_pollen}
 
 

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         clf = Classifier.load(args.model, foundation, device=args.device)
         if args.threshold is not None and clf.openset is not None:
             clf.openset.threshold = float(args.threshold)
+            clf.openset.calibrated = False  # the user's threshold, on the similarity score
         summary["model"] = str(args.model)
     else:
         clf = Classifier(foundation, voxel_size=voxel_size, unknown_threshold=args.threshold,

@@ -20,11 +20,13 @@ from napari_lsmfm.engine.grid import as_triple, region_box
 from napari_lsmfm.engine.jobs import span
 from napari_lsmfm.engine.train import FitReport
 from napari_lsmfm.io.check import check_volume
+from napari_lsmfm.tasks.heads import ForestHead
 
 from . import saved
 from .config import ClassifyConfig
 from .embed import ItemFeatures, embed_items
 from .examples import Examples, Items, object_items, point_items, tile_items
+from .mix import forest_share, mixed_logits
 from .openset import OpenSet, prototype_scores
 from .probe import Probe, pseudo_labelled, train_probe
 from .prompts import describe, parse_prompts, text_prototypes
@@ -65,6 +67,8 @@ class Classifier:
         self.mode: str | None = None  # "objects", "points", "tiles"; None: any (zero-shot)
         self.class_names: tuple[str, ...] = ()
         self.probe: Probe | None = None
+        self.forest: ForestHead | None = None  # on the hand-made measures, mixed with the probe
+        self.forest_weight = 0.0  # the forest's share of the class probabilities
         self.openset: OpenSet | None = None
         self.text: np.ndarray | None = None  # (C, P) class text embeddings
         self.text_rows: tuple[int, ...] = ()  # class index of each text row
@@ -188,14 +192,21 @@ class Classifier:
                                     **train)
         self_trained = bool(cfg.self_train > 0 and len(population) > len(x)
                             and min(ex.counts().values()) < cfg.self_train_below)
+        rows, labels = index, targets_idx
         if self_trained:
             rows, labels = pseudo_labelled(probe, population, index, targets_idx, len(names),
                                            cfg.self_train)
             probe, report = train_probe(population[rows], labels, len(names),
                                         ctx=span(ctx, 0.9, 1.0), **train)
+        self.forest, self.forest_weight, losses = None, 0.0, {}
+        if cfg.forest_weight > 0 or cfg.choose_mix:
+            self.forest_weight, losses = forest_share(cfg, feats, index, targets_idx, train)
+            self.forest = ForestHead(measures, len(names), cfg.forest_trees, None,
+                                     seed=cfg.seed).fit(feats.measures[rows], labels)
         z = self._standardized(probe, x)
         self.openset = OpenSet.fit(z, targets_idx, len(names), known_rate=cfg.known_rate,
-                                   threshold=cfg.unknown_threshold)
+                                   threshold=cfg.unknown_threshold,
+                                   spread_from=x.shape[1] - measures if cfg.spread else None)
         self.probe, self.mode, self.class_names = probe, items.kind, tuple(names)
         self.text, self.text_rows = None, ()
         if prompts:
@@ -207,7 +218,8 @@ class Classifier:
         return report.update(seconds=time.perf_counter() - t0, classes=list(names),
                              counts=ex.counts(), mode=items.kind,
                              threshold=self.openset.threshold,
-                             calibrated=self.openset.calibrated, self_trained=self_trained)
+                             calibrated=self.openset.calibrated, self_trained=self_trained,
+                             forest_weight=self.forest_weight, mix_losses=losses)
 
     def _fit_prompts(self, t0: float) -> FitReport:
         if not self.config.prompts:
@@ -220,6 +232,7 @@ class Classifier:
         self.text = text_prototypes(self.foundation, prompts)
         self.text_rows = tuple(range(len(prompts)))
         self.class_names, self.mode, self.probe = tuple(prompts), None, None
+        self.forest = None
         self.prompt_weight = 1.0
         threshold = self.config.unknown_threshold
         self.openset = None if threshold is None else OpenSet(self.text, threshold)
@@ -284,8 +297,12 @@ class Classifier:
             x = torch.as_tensor(feats.probe_inputs)
             with torch.no_grad():
                 logits += self.probe(x).double().numpy()
+            if self.forest is not None:
+                logits = mixed_logits(logits, self.forest.probabilities(feats.measures),
+                                      self.forest_weight)
             z = self._standardized(self.probe, feats.probe_inputs)
-            scores = self.openset.scores(z).astype(np.float32)
+            scores, unknown = self.openset.judge(z)
+            scores = scores.astype(np.float32)
         if self.text is not None:
             scale = math.exp(min(float(self.foundation.logit_scale or math.log(10.0)),
                                  math.log(100.0)))
@@ -293,8 +310,10 @@ class Classifier:
             logits[:, list(self.text_rows)] += self.prompt_weight * scale * sims
             if self.probe is None:
                 scores = sims.max(1).astype(np.float32)
-        if self.openset is not None and self.config.open_set:
+        if self.probe is None and self.openset is not None:
             unknown = scores < self.openset.threshold
+        if not self.config.open_set:
+            unknown = np.zeros(n, bool)
         logits -= logits.max(1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(1, keepdims=True)

@@ -45,8 +45,16 @@ class ClassifyConfig(TaskConfig):
         weight ``prior_strength / (prior_strength + n)``, n the examples of the rarest class.
     known_rate: the open-set threshold accepts this fraction of the examples' own
         leave-one-out scores (0.95: about 1 known object in 20 is called unknown).
-    unknown_threshold: a fixed open-set threshold on the score (None: calibrated from the
-        examples); ``open_set`` False never says unknown.
+    unknown_threshold: a fixed open-set threshold on the similarity score (None: calibrated
+        from the examples); ``open_set`` False never says unknown.
+    spread: the calibrated open-set test also spreads the examples over a graph of the
+        items in the hand-made measures (:func:`~.openset.spread_mass`).
+    forest_weight: the class probabilities are this much a random forest's on the
+        hand-made measures (``forest_trees`` trees) and the rest the probe's (0 = the
+        probe alone), when ``choose_mix`` is off or the examples are too few to
+        cross-validate (fewer than two of a class).
+    choose_mix: choose the forest's share among 0, ``forest_weight`` and 1 by
+        cross-validation on the examples (:mod:`.mix`); the fit report says which won.
     batch_size: windows per foundation call.
     seed: initialisation of the probe.
     """
@@ -69,6 +77,10 @@ class ClassifyConfig(TaskConfig):
     known_rate: float = 0.95
     unknown_threshold: float | None = None
     open_set: bool = True
+    spread: bool = True
+    forest_weight: float = 0.75
+    forest_trees: int = 100
+    choose_mix: bool = False
     batch_size: int = 8
     seed: int = 0
 
@@ -84,7 +96,9 @@ class ClassifyConfig(TaskConfig):
         self.self_train_below = int(self.self_train_below)
         if self.self_train_below < 0:
             raise ValueError(f"self_train_below must be >= 0, got {self.self_train_below}")
-        for name in ("hidden", "steps", "batch_size"):
+        if not 0.0 <= float(self.forest_weight) <= 1.0:
+            raise ValueError(f"forest_weight must be in [0, 1], got {self.forest_weight}")
+        for name in ("hidden", "steps", "batch_size", "forest_trees"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.levels = tuple(int(k) for k in self.levels)

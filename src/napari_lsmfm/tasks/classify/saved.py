@@ -1,8 +1,8 @@
 """A :class:`~.classifier.Classifier` on disk, in the engine's one saved-model format:
 ``config.json`` (classes, mode, settings, the foundation, the threshold) and safetensors
-parts "probe" (standardisation and weights), "openset" (class prototypes and the
-standardised examples) and "text" (the prompts' class embeddings, when there are
-prompts)."""
+parts "probe" (standardisation and weights), "forest" (the trees on the hand-made
+measures, as arrays), "openset" (class prototypes and the standardised examples) and
+"text" (the prompts' class embeddings, when there are prompts)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from napari_lsmfm.engine.store import (
     load_task_model,
     save_task_model,
 )
+from napari_lsmfm.tasks.heads import ForestHead
 
 from .config import ClassifyConfig
 from .openset import OpenSet
@@ -40,6 +41,10 @@ def save_classifier(clf: Any, folder: str | Path, *, overwrite: bool = False) ->
     if clf.probe is not None:
         config["probe"] = clf.probe.settings()
         parts["probe"] = clf.probe.state_dict()
+    if getattr(clf, "forest", None) is not None:
+        config["forest"] = clf.forest.settings()
+        config["forest_weight"] = float(clf.forest_weight)
+        parts["forest"] = clf.forest.state_dict()
     if clf.openset is not None:
         config["threshold"] = (None if not np.isfinite(clf.openset.threshold)
                                else float(clf.openset.threshold))
@@ -49,6 +54,10 @@ def save_classifier(clf: Any, folder: str | Path, *, overwrite: bool = False) ->
             parts["openset"]["examples"] = torch.as_tensor(clf.openset.examples).float()
             parts["openset"]["targets"] = torch.as_tensor(clf.openset.targets).long()
             config["neighbours"] = int(clf.openset.neighbours)
+            config["spread_from"] = clf.openset.spread_from
+            config["known_rate"] = float(clf.openset.known_rate)
+            if clf.openset.loo_scores is not None:
+                parts["openset"]["loo_scores"] = torch.as_tensor(clf.openset.loo_scores).double()
     if clf.text is not None:
         parts["text"] = {"prototypes": torch.as_tensor(clf.text).float()}
     return save_task_model(folder, task=clf.task, config=config, parts=parts,
@@ -73,6 +82,9 @@ def load_classifier(cls: type, folder: str | Path, foundation: Any = None,
         clf.mode = config.get("mode")
         if "probe" in parts:
             clf.probe = Probe.from_saved(config["probe"], parts["probe"]).eval()
+        if "forest" in parts:
+            clf.forest = ForestHead.from_saved(config["forest"], parts["forest"])
+            clf.forest_weight = float(config.get("forest_weight", 0.5))
         if "openset" in parts:
             threshold = config.get("threshold")
             stored = parts["openset"]
@@ -82,7 +94,11 @@ def load_classifier(cls: type, folder: str | Path, foundation: Any = None,
                                   calibrated=bool(config.get("calibrated")),
                                   examples=stored["examples"].double().numpy() if kept else None,
                                   targets=stored["targets"].numpy() if kept else None,
-                                  neighbours=int(config.get("neighbours", 1)))
+                                  neighbours=int(config.get("neighbours", 1)),
+                                  loo_scores=(stored["loo_scores"].numpy()
+                                              if "loo_scores" in stored else None),
+                                  spread_from=config.get("spread_from"),
+                                  known_rate=float(config.get("known_rate", 0.95)))
         if "text" in parts:
             clf.text = parts["text"]["prototypes"].numpy()
             clf.text_rows = tuple(int(r) for r in config.get("text_rows", []))
