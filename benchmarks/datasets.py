@@ -8,6 +8,7 @@ loader returns a :class:`Dataset`: image, labels (or None), the voxel size assum
 files carry none) and the licence.
 
     python benchmarks/datasets.py            # fetch and describe every volume
+    python benchmarks/datasets.py --export DIR cellseg3d epitools   # as DIR/<name>.tif
 """
 
 from __future__ import annotations
@@ -144,6 +145,16 @@ LOADERS = {"stardist": stardist_nuclei, "cellseg3d": cellseg3d_nuclei,
 
 
 def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--export":
+        import tifffile
+
+        folder = Path(sys.argv[2])
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in sys.argv[3:] or list(LOADERS):
+            path = folder / f"{name}.tif"
+            tifffile.imwrite(path, LOADERS[name]().image)
+            print(f"wrote {path}")
+        return 0
     for name, load in LOADERS.items():
         d = load()
         labels = "none" if d.labels is None else f"{len(np.unique(d.labels)) - 1} objects"

@@ -191,6 +191,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--patch-size", default=None,
                    help="training patch z,y,x in voxels (32,64,64)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--sharp", nargs="+", default=(), metavar="VOLUME",
+                   help="real sharp volumes (TIFF / Zarr) imaged through the same synthetic "
+                        "optics beside the synthetic pairs")
+    p.add_argument("--sharp-share", type=float, default=0.5,
+                   help="share of each batch from the --sharp volumes (0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=run_train)
     return p
@@ -200,8 +205,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``lsmfm train-deblur``; prints the fit summary as one JSON line; returns 0."""
     foundation = args.foundation if args.foundation not in ("auto", "small") else None
-    check_outputs({"--out": args.out}, {"the model": args.init, "the foundation": foundation},
-                  overwrite=args.overwrite, folders=("--out",))  # before any training
+    inputs = {"the model": args.init, "the foundation": foundation,
+              **{f"--sharp {path}": path for path in args.sharp}}
+    check_outputs({"--out": args.out}, inputs, overwrite=args.overwrite,
+                  folders=("--out",))  # before any training
     extra: dict[str, Any] = {
         k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr),
                           ("l2", args.l2), ("psnr", args.psnr)) if v is not None
@@ -221,7 +228,8 @@ def run_train(args: argparse.Namespace) -> int:
     summary = train_default_deblur(
         args.out, steps=args.steps, seed=args.seed, device=args.device,
         foundation=args.foundation, overwrite=args.overwrite,
-        ctx=JobContext(terminal_progress("deblur ")), init=args.init, **extra,
+        ctx=JobContext(terminal_progress("deblur ")), init=args.init, sharp=args.sharp,
+        sharp_share=args.sharp_share, **extra,
     )
     print_summary(summary)
     return 0

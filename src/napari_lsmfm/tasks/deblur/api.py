@@ -212,6 +212,8 @@ def train_default_deblur(
     overwrite: bool = False,
     ctx: Any = None,
     init: str | Path | None = None,
+    sharp: Sequence[str | Path] = (),
+    sharp_share: float = 0.5,
     **overrides: Any,
 ) -> dict:
     """Train the shipped deblur model on synthetic pairs and save it to ``out``
@@ -219,6 +221,8 @@ def train_default_deblur(
 
     ``init``: a saved deblur model to continue from (its network and settings; the
     ``overrides``, e.g. other loss weights, replace its settings), instead of a new one.
+    ``sharp``: real sharp volumes (TIFF / Zarr files) imaged through the same synthetic
+    optics for a ``sharp_share`` of every batch (:class:`~.pairs.RealPairs`).
 
     ``foundation``: "auto" starts from the embedded default foundation when one is
     installed, else from a random-initialised :data:`DEBLUR_SPEC` backbone; "small"
@@ -233,6 +237,7 @@ def train_default_deblur(
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    volumes = [_read_sharp(path) for path in sharp]
     if init is not None:
         model = Deblurrer.load(init, device=device)
         model.config = DeblurConfig.from_dict(
@@ -241,7 +246,8 @@ def train_default_deblur(
         if model.config.psf_condition:
             model.net.enable_psf_condition()
             model.to_device(device)
-        fit = model.fit(None, None, ctx, steps=steps, seed=seed)
+        fit = model.fit(None, None, ctx, steps=steps, seed=seed, sharp=volumes,
+                        sharp_share=sharp_share)
         model.save(out, overwrite=overwrite)
         return {"folder": str(out), "init": str(init), "steps_done": fit.steps_done,
                 "best_loss": fit.best_loss, "seconds": fit.seconds}
@@ -256,7 +262,19 @@ def train_default_deblur(
     else:
         fm = load_foundation(foundation, device=device)
     model = Deblurrer(fm, DeblurConfig(steps=steps, seed=seed, **overrides))
-    fit = model.fit(None, None, ctx, steps=steps, seed=seed)
+    fit = model.fit(None, None, ctx, steps=steps, seed=seed, sharp=volumes,
+                    sharp_share=sharp_share)
     model.save(out, overwrite=overwrite)
     return {"folder": str(out), "foundation": fm.source, "steps_done": fit.steps_done,
             "best_loss": fit.best_loss, "seconds": fit.seconds}
+
+
+def _read_sharp(path: str | Path) -> np.ndarray:
+    """A real sharp volume for training, read whole (3D; a 2D or 4D file is refused)."""
+    from napari_lsmfm.io import open_volume
+
+    data = np.asarray(open_volume(path).data)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: a sharp training volume must be 3D (Z, Y, X), got shape "
+                         f"{data.shape}")
+    return data

@@ -93,10 +93,13 @@ class Deblurrer:
             *, steps: int | None = None, lr: float | None = None, seed: int | None = None,
             psf_sigma_vox: Sequence[float] | None = None,
             voxel_size: Sequence[float] | None = None, axial: bool | None = None,
-            synthetic_share: float = 0.5) -> FitReport:
+            synthetic_share: float = 0.5, sharp: Sequence[Any] = (),
+            sharp_share: float = 0.5) -> FitReport:
         """Train the whole network (finetuned end to end).
 
-        Without ``image``: on synthetic pairs (see :mod:`.pairs`), lr default 2e-3. With
+        Without ``image``: on synthetic pairs (see :mod:`.pairs`), lr default 2e-3; with
+        real ``sharp`` volumes (numpy, read whole), a ``sharp_share`` of every batch has
+        them as the ground truth, imaged through the same synthetic optics. With
         an ``image`` ((Z, Y, X) numpy, dask or zarr; patches are read as needed): on the
         volume itself, without sharp ground truth, lr default 2e-4 (a gentle finetune).
 
@@ -122,11 +125,16 @@ class Deblurrer:
         if image is None:
             if targets is not None or psf_sigma_vox is not None:
                 raise ValueError("a PSF is for fitting on a volume: give the image too")
-            sampler, val_batch = synthetic_batches(cfg, seed)
+            sampler, val_batch = synthetic_batches(cfg, seed, [np.asarray(v) for v in sharp],
+                                                   sharp_share)
+            what = "synthetic pairs" + (" and real sharp volumes" if len(sharp) else "")
             report = self._train(sampler, val_batch, steps or cfg.steps, lr or cfg.lr or 2e-3,
-                                 ctx, "training on synthetic pairs", seed)
-            self.trained_on.append({"kind": "synthetic", "steps": report.steps_done,
-                                    "seed": seed})
+                                 ctx, f"training on {what}", seed)
+            record = {"kind": "synthetic", "steps": report.steps_done, "seed": seed}
+            if len(sharp):
+                record.update(real_volumes=[list(np.shape(v)) for v in sharp],
+                              real_share=float(sharp_share))
+            self.trained_on.append(record)
             return report
         if (targets is None) == (psf_sigma_vox is None):
             raise ValueError("fitting on a volume needs its PSF: give the Gaussian sigmas "

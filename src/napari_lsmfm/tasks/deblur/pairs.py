@@ -6,6 +6,7 @@
 - :class:`SelfPairs`: self-supervised patches from the user's own volume (no ground
   truth): the volume blurred further with a known PSF and noised to its own noise level
   (:func:`noise_model`) is the input, the volume the target.
+- :class:`RealPairs`: the same optics over real sharp stacks instead of synthetic ones.
 - :class:`MixedPairs`: batches drawn from two samplers.
 
 Structures and optics come from :mod:`napari_lsmfm.synth`; every sampler has its own
@@ -31,6 +32,7 @@ from .intensity import deblur_range
 __all__ = [
     "TRAIN_SEED_BASE",
     "MixedPairs",
+    "RealPairs",
     "SelfPairs",
     "SynthPair",
     "SyntheticPairs",
@@ -218,6 +220,38 @@ class SyntheticPairs:
         return _batch(xs, ys, sigmas)
 
 
+class RealPairs(SyntheticPairs):
+    """Synthetic pairs whose sharp volumes are real stacks (the user's or the benchmark's
+    real volumes, read once): each refresh takes a random crop of one, its 0.1st-99.9th
+    percentiles mapped to [0, 1] (a crop smaller than the pool's volume is mirrored to
+    size), and every patch goes through the same optics and camera draws as
+    :class:`SyntheticPairs` (PSF, photons, noise, background, offset)."""
+
+    def __init__(self, config: DeblurConfig, seed: int, volumes: Sequence[np.ndarray],
+                 pool: int = 8) -> None:
+        if not volumes:
+            raise ValueError("real sharp volumes: give at least one (Z, Y, X) volume")
+        self.volumes = []
+        for v in volumes:
+            v = np.asarray(v, np.float32)
+            if v.ndim != 3:
+                raise ValueError(f"a sharp volume must be 3D (Z, Y, X), got shape {v.shape}")
+            lo, hi = np.percentile(v, (0.1, 99.9))
+            self.volumes.append(np.clip((v - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))
+        super().__init__(config, seed, pool)
+
+    def _sharp(self) -> np.ndarray:
+        rng = self.rng
+        v = self.volumes[int(rng.integers(len(self.volumes)))]
+        pads = [(0, max(0, s - n)) for s, n in zip(self.shape, v.shape, strict=True)]
+        if any(b for _, b in pads):
+            v = np.pad(v, pads, mode="symmetric")
+        box = tuple(slice(a, a + s) for a, s in
+                    ((int(rng.integers(0, n - s + 1)), s) for n, s in zip(v.shape, self.shape,
+                                                                         strict=True)))
+        return np.ascontiguousarray(v[box])
+
+
 class SelfPairs:
     """Self-supervised patches from the user's own volume (no sharp ground truth).
 
@@ -344,10 +378,22 @@ def noise_model(image: Any, lo: float) -> tuple[float, float]:
     return max(float(gain), 0.0), max(float(read), 1e-12)
 
 
-def synthetic_batches(config: DeblurConfig, seed: int) -> tuple[SyntheticPairs, Batch]:
-    """The sampler of synthetic training and its validation batch (another stream)."""
-    sampler = SyntheticPairs(config, seed)
-    val = SyntheticPairs(config, seed + 7919, pool=4)
+def synthetic_batches(config: DeblurConfig, seed: int, sharp: Sequence[np.ndarray] = (),
+                      sharp_share: float = 0.5) -> tuple[Any, Batch]:
+    """The sampler of synthetic training and its validation batch (another stream); with
+    real ``sharp`` volumes, a ``sharp_share`` of every batch (and of the validation
+    batch) comes from them (:class:`RealPairs`)."""
+    sampler: Any = SyntheticPairs(config, seed)
+    val: Any = SyntheticPairs(config, seed + 7919, pool=4)
+    if len(sharp):
+        if not 0.0 < sharp_share <= 1.0:
+            raise ValueError(f"sharp_share must be in (0, 1], got {sharp_share}")
+        rng = np.random.default_rng(seed + 15485863)
+        real = RealPairs(config, seed + 31, sharp)
+        sampler = real if sharp_share >= 1.0 else MixedPairs(sampler, real, sharp_share, rng)
+        val_real = RealPairs(config, seed + 7927, sharp, pool=4)
+        val = val_real if sharp_share >= 1.0 else MixedPairs(val, val_real, sharp_share,
+                                                             np.random.default_rng(seed + 1))
     return sampler, val.sample(max(4, config.batch_size))
 
 
