@@ -120,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
         fit = clf.fit(image, examples, JobContext(show),
                       **{k: v for k, v in inputs.items() if k in ("objects", "tiles")
                          and v is not None})
-        summary["fit"] = {k: fit[k] for k in ("steps_done", "best_loss", "seconds")}
+        summary["fit"] = {k: fit[k] for k in ("steps_done", "best_loss", "seconds")
+                          if k in fit}
+        if "forest_weight" in fit:
+            summary["fit"]["forest_share"] = fit["forest_weight"]
         if paths.get("--save-model") is not None:
             clf.save(paths["--save-model"], overwrite=args.overwrite)
             summary["saved_model"] = str(paths["--save-model"])

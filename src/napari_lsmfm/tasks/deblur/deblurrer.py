@@ -97,9 +97,8 @@ class Deblurrer:
             sharp_share: float = 0.5) -> FitReport:
         """Train the whole network (finetuned end to end).
 
-        Without ``image``: on synthetic pairs (see :mod:`.pairs`), lr default 2e-3; with
-        real ``sharp`` volumes (numpy, read whole), a ``sharp_share`` of every batch has
-        them as the ground truth, imaged through the same synthetic optics. With
+        Without ``image``: on synthetic pairs (see :mod:`.pairs`), lr default 2e-3; a
+        ``sharp_share`` of each batch from real ``sharp`` volumes through the same optics. With
         an ``image`` ((Z, Y, X) numpy, dask or zarr; patches are read as needed): on the
         volume itself, without sharp ground truth, lr default 2e-4 (a gentle finetune).
 
@@ -116,9 +115,8 @@ class Deblurrer:
                 ground truth (rehearsal): the volume's own pairs only show blur-twice ->
                 blur-once, and alone they teach the network to leave some blur in.
 
-        Returns a :class:`~napari_lsmfm.engine.train.FitReport` (history, best_loss,
-        start_loss, steps_done, stopped, seconds). Cancelling keeps the best weights so
-        far (``stopped=True``); before any step it raises ``Cancelled``.
+        Returns a :class:`~napari_lsmfm.engine.train.FitReport`. Cancelling keeps the best
+        weights so far (``stopped=True``); before any step it raises ``Cancelled``.
         """
         cfg = self.config
         seed = cfg.seed if seed is None else int(seed)
@@ -127,14 +125,13 @@ class Deblurrer:
                 raise ValueError("a PSF is for fitting on a volume: give the image too")
             sampler, val_batch = synthetic_batches(cfg, seed, [np.asarray(v) for v in sharp],
                                                    sharp_share)
-            what = "synthetic pairs" + (" and real sharp volumes" if len(sharp) else "")
             report = self._train(sampler, val_batch, steps or cfg.steps, lr or cfg.lr or 2e-3,
-                                 ctx, f"training on {what}", seed)
-            record = {"kind": "synthetic", "steps": report.steps_done, "seed": seed}
-            if len(sharp):
-                record.update(real_volumes=[list(np.shape(v)) for v in sharp],
-                              real_share=float(sharp_share))
-            self.trained_on.append(record)
+                                 ctx, "training on synthetic pairs" + (
+                                     " and real sharp volumes" if len(sharp) else ""), seed)
+            real = {"real_volumes": [list(np.shape(v)) for v in sharp],
+                    "real_share": float(sharp_share)} if len(sharp) else {}
+            self.trained_on.append({"kind": "synthetic", "steps": report.steps_done,
+                                    "seed": seed, **real})
             return report
         if (targets is None) == (psf_sigma_vox is None):
             raise ValueError("fitting on a volume needs its PSF: give the Gaussian sigmas "
