@@ -27,7 +27,7 @@ from .config import ClassifyConfig
 from .embed import ItemFeatures, embed_items
 from .examples import Examples, Items, object_items, point_items, tile_items
 from .mix import forest_share, mixed_logits
-from .openset import OpenSet, prototype_scores
+from .openset import OpenSet, graph_columns, prototype_scores
 from .probe import Probe, pseudo_labelled, train_probe
 from .prompts import describe, parse_prompts, text_prototypes
 from .result import ClassificationResult
@@ -206,7 +206,8 @@ class Classifier:
         z = self._standardized(probe, x)
         self.openset = OpenSet.fit(z, targets_idx, len(names), known_rate=cfg.known_rate,
                                    threshold=cfg.unknown_threshold,
-                                   spread_from=x.shape[1] - measures if cfg.spread else None)
+                                   spread_from=graph_columns(x.shape[1], measures)
+                                   if cfg.spread else None)
         self.probe, self.mode, self.class_names = probe, items.kind, tuple(names)
         self.text, self.text_rows = None, ()
         if prompts:
