@@ -24,7 +24,8 @@ another scene are classified. Columns:
   y are the examples' pool and those below are classified; the tiles of all kinds are
   laid out (shuffled) in one mosaic volume each, which is what the classifier is fitted
   on and predicts (tile features depend on the tile alone). The forest gets the 7 tile
-  measures. No zero-shot there (the caption bank has no pollen or epithelium).
+  measures (all of them: fewer than the classical 19 of objects). No zero-shot there
+  (the caption bank has no pollen or epithelium).
 
 ``--split validation`` is the pair of scenes the settings were tuned on (train seed 11,
 test seed 12); ``--split report`` (default) uses seeds no tuning saw (train 21 / test 22,
@@ -224,13 +225,6 @@ class TileColumn(Column):
         self.clf.fit(self.train[0], Examples(list(centres), list(self.y_tr[idx])),
                      tiles=self.train[1])
         return self.clf.predict(self.test[0], tiles=self.test[1])
-
-    def forest(self, idx: np.ndarray, seed: int, columns: int | None = None) -> np.ndarray:
-        from sklearn.ensemble import RandomForestClassifier
-
-        rf = RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
-        rf.fit(self.f_tr.measures[idx], self.y_tr[idx])
-        return rf.predict(self.f_te.measures)
 
 
 def run_column(col: Column, reps: int) -> dict:

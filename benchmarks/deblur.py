@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))  # datasets.py beside this script
+
 ITERATIONS = (5, 10, 20, 40)
 COLUMNS = ("in-distribution", "shifted", "real", "real, trained on")
 REAL = ("cellseg3d", "cellseg3d-small", "epitools", "pollen", "stardist")
@@ -120,6 +122,7 @@ def cases(quick: bool, columns=COLUMNS) -> list[dict]:
 def volume_of(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """(ground truth in [0, 1], blurred image, PSF array, PSF sigma for the model)."""
     from napari_lsmfm.tasks.deblur import gaussian_psf, synthetic_pair
+    from napari_lsmfm.tasks.deblur.pairs import sharp_unit
 
     if not case["column"].startswith("real"):
         voxel = case.get("voxel", 1.0)
@@ -127,27 +130,19 @@ def volume_of(case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
                               psf_sigma_vox=case["psf"], photons=case["photons"],
                               seed=case["seed"], density=case.get("density", 1.0))
         return pair.sharp, pair.image, gaussian_psf(case["psf"]), tuple(case["psf"])
-    sys.path.insert(0, str(Path(__file__).parent))
     import datasets
 
     if case["kind"] == "sdeconv pair":
         sharp, blurred, psf = datasets.sdeconv_pollen_pair()
         psf = psf.astype(np.float32) / psf.sum()
-        return unit(sharp), blurred, psf, psf_moments(psf)
+        return sharp_unit(sharp), blurred, psf, psf_moments(psf)
     from napari_lsmfm.synth import degrade
 
-    truth = unit(datasets.LOADERS[case["kind"]]().image)
+    truth = sharp_unit(datasets.LOADERS[case["kind"]]().image)
     image = degrade(truth, np.random.default_rng(case["seed"]), psf_sigma_vox=case["psf"],
                     photons=case["photons"], read_noise=2.0, background=20.0, stripes=0.0,
                     attenuation=0.0, illumination=0.0)
     return truth, image, gaussian_psf(case["psf"]), tuple(case["psf"])
-
-
-def unit(volume: np.ndarray) -> np.ndarray:
-    """A real volume as a ground truth: its 0.1st-99.9th percentiles to [0, 1]."""
-    v = volume.astype(np.float32)
-    lo, hi = np.percentile(v, (0.1, 99.9))
-    return np.clip((v - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
 def psf_moments(psf: np.ndarray) -> tuple[float, float, float]:

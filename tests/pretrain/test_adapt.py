@@ -21,12 +21,7 @@ TINY = {"architecture": "unet", "embed_dim": 8, "channels": [8, 16, 32], "stride
         "num_res_units": 0, "norm": "INSTANCE"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,7 @@ def tiny_config(**changes) -> PretrainConfig:
     return PretrainConfig(**base)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny models gain nothing from a second thread, and lose a lot when the CPU is shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

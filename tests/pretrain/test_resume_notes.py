@@ -5,7 +5,6 @@ steps (issue 19, item 7)."""
 import json
 
 import pytest
-import torch
 
 from napari_lsmfm.pretrain import PretrainConfig, pretrain
 from napari_lsmfm.pretrain.checkpointing import checkpoint_path
@@ -27,12 +26,7 @@ def corpus():
     return SyntheticCorpus(16, n_volumes=2, volume_shape=(20, 24, 24), seed=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resume_in_an_empty_folder_says_it_starts_afresh(tmp_path, corpus):

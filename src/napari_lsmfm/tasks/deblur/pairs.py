@@ -39,6 +39,7 @@ __all__ = [
     "augment",
     "crop_box",
     "noise_model",
+    "sharp_unit",
     "synthetic_batches",
     "synthetic_pair",
     "volume_batches",
@@ -220,6 +221,15 @@ class SyntheticPairs:
         return _batch(xs, ys, sigmas)
 
 
+def sharp_unit(volume: np.ndarray) -> np.ndarray:
+    """A real sharp volume as a density in [0, 1]: its 0.1st-99.9th percentiles mapped to
+    0 and 1, clipped (float32). What :class:`RealPairs` trains towards and the benchmark
+    scores against."""
+    v = np.asarray(volume, np.float32)
+    lo, hi = np.percentile(v, (0.1, 99.9))
+    return np.clip((v - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
 class RealPairs(SyntheticPairs):
     """Synthetic pairs whose sharp volumes are real stacks (the user's or the benchmark's
     real volumes, read once): each refresh takes a random crop of one, its 0.1st-99.9th
@@ -236,8 +246,7 @@ class RealPairs(SyntheticPairs):
             v = np.asarray(v, np.float32)
             if v.ndim != 3:
                 raise ValueError(f"a sharp volume must be 3D (Z, Y, X), got shape {v.shape}")
-            lo, hi = np.percentile(v, (0.1, 99.9))
-            self.volumes.append(np.clip((v - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))
+            self.volumes.append(sharp_unit(v))
         super().__init__(config, seed, pool)
 
     def _sharp(self) -> np.ndarray:
